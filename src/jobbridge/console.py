@@ -1,0 +1,121 @@
+"""What the CLI shows people: job tables, a job's details, live progress bars, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from jobbridge.jobs import Job, JobStatus
+
+out = Console()
+err = Console(stderr=True)
+
+STATUS_STYLE: dict[JobStatus, str] = {
+    JobStatus.COMPLETED: "green",
+    JobStatus.FAILED: "red",
+    JobStatus.CRASHED: "red",
+    JobStatus.CANCELLED: "yellow",
+    JobStatus.CANCELLING: "yellow",
+    JobStatus.RUNNING: "cyan",
+    JobStatus.RETRYING: "magenta",
+}
+
+
+def styled(status: JobStatus) -> str:
+    """The status as rich markup in its colour."""
+    style = STATUS_STYLE.get(status, "white")
+    return f"[{style}]{status.value}[/{style}]"
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output: plain JSON on stdout, no colour, no wrapping."""
+    print(json.dumps(data, indent=2, default=str))
+
+
+def print_error(message: str) -> None:
+    """One line on stderr, no traceback."""
+    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+
+
+def jobs_table(jobs: Iterable[Job], ui_url: Callable[[str], str] | None = None) -> Table:
+    """A table of jobs, newest first as given."""
+    table = Table(show_lines=False)
+    for column in ("id", "name", "type", "status", "progress", "org", "created"):
+        table.add_column(column, overflow="fold")
+    if ui_url:
+        table.add_column("Prefect UI", overflow="fold")
+    for job in jobs:
+        row = [
+            job.id,
+            job.name,
+            job.type,
+            styled(job.status),
+            f"{job.progress:.0f}%",
+            job.org or "",
+            job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        ]
+        if ui_url:
+            row.append(ui_url(job.id))
+        table.add_row(*row)
+    return table
+
+
+def job_details(job: Job) -> Table:
+    """Every field of one job, one per row."""
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    data = job.model_dump(mode="json")
+    data["status"] = styled(job.status)
+    for key, value in data.items():
+        if key == "items" and not value:
+            continue
+        shown = json.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
+        table.add_row(key, shown if value is not None else "")
+    return table
+
+
+def watch(
+    job_ids: Sequence[str],
+    read: Callable[[str], Job],
+    *,
+    interval: float = 0.5,
+    timeout: float | None = None,
+) -> list[Job]:
+    """Show a live progress bar per job until every job is final; returns their final states."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+    )
+    latest: dict[str, Job] = {}
+    with Progress(*columns, console=err, transient=False) as progress:
+        bars = {
+            job_id: progress.add_task(job_id[:8], total=100, status="") for job_id in job_ids
+        }
+        while True:
+            for job_id, bar in bars.items():
+                if job_id in latest and latest[job_id].is_final:
+                    continue
+                job = read(job_id)
+                latest[job_id] = job
+                progress.update(
+                    bar,
+                    completed=job.progress,
+                    description=f"{job.name} ({job.type})",
+                    status=styled(job.status),
+                )
+            if all(job.is_final for job in latest.values()):
+                return [latest[job_id] for job_id in job_ids]
+            if deadline is not None and time.monotonic() >= deadline:
+                return [latest[job_id] for job_id in job_ids]
+            time.sleep(interval)

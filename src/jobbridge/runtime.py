@@ -1,0 +1,70 @@
+"""Which Prefect API a jobbridge call talks to, and whether a worker is there to run jobs.
+
+Order: ``JOBBRIDGE_PREFECT_API_URL`` / ``PREFECT_API_URL`` when set; else the embedded stack's server when it
+is up; else Prefect's own default (an ephemeral local API, in which jobs run in-process).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.objects import WorkPoolStatus
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from jobbridge.errors import PrefectUnavailableError
+from jobbridge.settings import Settings, get_settings
+
+
+def resolve_api_url(settings: Settings | None = None) -> str | None:
+    """The Prefect API URL jobbridge should use, or None for Prefect's default."""
+    settings = settings or get_settings()
+    if settings.prefect_api_url:
+        return settings.prefect_api_url.rstrip("/")
+    from jobbridge.stack import running_api_url
+
+    return running_api_url(settings)
+
+
+@contextmanager
+def prefect_api(settings: Settings | None = None, api_url: str | None = None) -> Iterator[str | None]:
+    """Run the body against the resolved Prefect API (``api_url`` wins when given)."""
+    url = api_url or resolve_api_url(settings)
+    current = PREFECT_API_URL.value()
+    if url is None or (current and current.rstrip("/") == url):
+        yield url or current
+        return
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url
+
+
+_pool_cache: dict[tuple[str, str], tuple[float, bool]] = {}
+_POOL_CACHE_SECONDS = 5.0
+
+
+def pool_is_online(client: SyncPrefectClient, pool: str) -> bool:
+    """True when ``pool`` exists and a worker is polling it (cached for a few seconds)."""
+    key = (str(client.api_url), pool)
+    cached = _pool_cache.get(key)
+    now = time.monotonic()
+    if cached and now - cached[0] < _POOL_CACHE_SECONDS:
+        return cached[1]
+    try:
+        online = client.read_work_pool(pool).status == WorkPoolStatus.READY
+    except ObjectNotFound:
+        online = False
+    _pool_cache[key] = (now, online)
+    return online
+
+
+def check_api(client: SyncPrefectClient) -> None:
+    """Fail with a clear message when the Prefect API does not answer."""
+    problem = client.api_healthcheck()
+    if problem is not None:
+        raise PrefectUnavailableError(
+            f"the Prefect API at {client.api_url} does not answer ({type(problem).__name__}); "
+            "start the embedded stack with `jobbridge stack up` or set PREFECT_API_URL"
+        ) from None

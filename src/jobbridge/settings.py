@@ -1,0 +1,134 @@
+"""Settings: ``JOBBRIDGE_*`` environment variables (and a ``.env`` file), read once per process.
+
+Legacy environment names are accepted as aliases where a legacy system had one, so a team can point its old
+environment at jobbridge unchanged. Secrets are ``SecretStr`` and never printed.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ProcessingMode(StrEnum):
+    """How jobs run: NORMAL; DEBUG logs every step to a debug file; TEST isolates names under a prefix."""
+
+    NORMAL = "NORMAL"
+    DEBUG = "DEBUG"
+    TEST = "TEST"
+
+
+class Settings(BaseSettings):
+    """Everything jobbridge can be told from the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="JOBBRIDGE_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    mode: ProcessingMode = ProcessingMode.NORMAL
+    test_prefix: str = Field(default="test_", pattern=r"^[a-z][a-z0-9_\-]{0,30}$")
+    debug_log_file: Path = Path("job_processor_debug.log")
+
+    home: Path = Field(
+        default=Path(".jobbridge"),
+        description="Project-local state dir of the embedded stack (pid files, logs, databases).",
+    )
+    prefect_api_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("JOBBRIDGE_PREFECT_API_URL", "PREFECT_API_URL"),
+        description="Prefect API to use; defaults to the embedded stack's server when it is up.",
+    )
+    prefect_port: int = Field(default=4200, ge=1, le=65535)
+    moto_port: int = Field(default=4566, ge=1, le=65535)
+    mongo_port: int = Field(default=27017, ge=1, le=65535)
+    work_pool: str = "local"
+    execution: Literal["auto", "pool", "inprocess"] = Field(
+        default="auto",
+        description="auto: through the work pool when a worker is online, else in-process.",
+    )
+    worker_warm_processes: int = Field(default=1, ge=0, le=32)
+    worker_query_seconds: float = Field(default=1.0, gt=0, le=60)
+    plugins: list[str] = Field(
+        default_factory=list, description="Modules to import so that their job types register."
+    )
+
+    extract_max_total_bytes: int = Field(default=64 * 1024**3, gt=0)
+    extract_max_members: int = Field(default=1_000_000, gt=0)
+    progress_interval_seconds: float = Field(default=0.5, gt=0)
+
+    aws_region: str = Field(
+        default="us-east-1",
+        validation_alias=AliasChoices("JOBBRIDGE_AWS_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
+    )
+    aws_access_key_id: str | None = Field(
+        default=None, validation_alias=AliasChoices("JOBBRIDGE_AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID")
+    )
+    aws_secret_access_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("JOBBRIDGE_AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
+    )
+    mongodb_url: SecretStr | None = Field(
+        default=None, description="MongoDB URL; may hold a password, so it is kept secret."
+    )
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip().startswith("["):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def namespace(self) -> str:
+        """The prefix of every name this process creates: the test prefix in TEST mode, else empty."""
+        return self.test_prefix if self.mode is ProcessingMode.TEST else ""
+
+    def namespaced(self, name: str) -> str:
+        """``name`` under this mode's namespace (TEST mode keeps test jobs apart from production)."""
+        return f"{self.namespace}{name}"
+
+    @property
+    def tag_prefix(self) -> str:
+        """Prefix of the tags jobbridge puts on flow runs; TEST mode gets its own."""
+        return self.namespaced("jobbridge")
+
+    @property
+    def deployment_name(self) -> str:
+        """Name of the deployment of each job type's flow (``<type>/<deployment_name>``)."""
+        return self.namespaced("jobbridge")
+
+    @property
+    def state_dir(self) -> Path:
+        """Absolute path of :attr:`home`."""
+        return self.home.expanduser().resolve()
+
+    def redacted(self) -> dict[str, Any]:
+        """All settings as plain values, with every secret replaced by ``**********``."""
+        shown: dict[str, Any] = {}
+        for name, value in self:
+            if isinstance(value, SecretStr):
+                shown[name] = "**********" if value.get_secret_value() else ""
+            elif isinstance(value, StrEnum):
+                shown[name] = value.value
+            elif isinstance(value, Path):
+                shown[name] = str(value)
+            else:
+                shown[name] = value
+        return shown
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once; call :func:`reload_settings` after changing the environment."""
+    return Settings()
+
+
+def reload_settings() -> Settings:
+    """Forget the cached settings and read the environment again."""
+    get_settings.cache_clear()
+    return get_settings()

@@ -1,0 +1,1 @@
+"""Reusable, retryable building blocks of job flows."""
