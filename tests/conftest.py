@@ -23,6 +23,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+ROOT = Path(__file__).resolve().parents[1]
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="jobbridge-tests-"))
 PREFECT_PORT = free_port()
 os.environ.update(
@@ -36,6 +37,10 @@ os.environ.update(
         "JOBBRIDGE_MOTO_PORT": str(free_port()),
         "JOBBRIDGE_MONGO_PORT": str(free_port()),
         "JOBBRIDGE_DEBUG_LOG_FILE": str(SESSION_DIR / "job_processor_debug.log"),
+        "JOBBRIDGE_PLUGINS": "tests.support.jobs",
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+        ),
     }
 )
 os.environ.pop("JOBBRIDGE_MODE", None)
@@ -51,8 +56,9 @@ def session_dir() -> Path:
 @pytest.fixture(scope="session")
 def stack() -> Iterator[object]:
     """The embedded stack (Prefect server, local work pool and worker, moto_server, nx-27017), once."""
-    from jobbridge.settings import reload_settings
     from jobbridge.stack import Stack
+
+    from jobbridge.settings import reload_settings
 
     running = Stack(reload_settings())
     running.up()

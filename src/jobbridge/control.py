@@ -33,7 +33,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort, LogSort
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Cancelled, Cancelling, Pending, Scheduled
+from prefect.states import Cancelled, Cancelling, Pending, Scheduled, State, to_state_create
 
 from jobbridge.deployments import ensure_deployment, queue_for_priority
 from jobbridge.errors import (
@@ -61,6 +61,7 @@ log = debug_logger("control")
 #: Tag fields carried as ``<prefix>:<field>:<value>``.
 _TAG_FIELDS = ("type", "org", "owner", "priority")
 _POLL_SECONDS = 0.25
+_MAX_PAGE = 200
 
 
 # ----------------------------------------------------------------------------------------- tags
@@ -245,17 +246,21 @@ def _create_run(
         name=name,
         parameters=job.parameters,
         tags=tags,
-        state=Pending().to_state_create(),
+        state=to_state_create(Pending()),
         idempotency_key=idempotency_key,
     )
-    response = client.request("POST", "/flow_runs/", json=create.model_dump(mode="json"))
+    response = client.request("POST", "/flow_runs/", json=create.model_dump(mode="json", exclude_unset=True))
     return FlowRun.model_validate(response.json())
 
 
 def _run_in_process(spec: JobTypeSpec, run: FlowRun, settings: Settings, *, block: bool) -> None:
     """Run the flow here, against the same API; heartbeats are off (no worker watches this run)."""
     from prefect.flow_engine import run_flow
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
 
     api_url = PREFECT_API_URL.value()
 
@@ -355,21 +360,23 @@ def list_jobs(
 ) -> JobPage:
     """Jobs newest first, filtered server-side by org, status and type; at most ``limit`` (1-200)."""
     settings = settings or get_settings()
-    if not 1 <= limit <= 200:
-        raise JobValidationError(f"limit {limit} is out of range: use 1 to 200")
+    if not 1 <= limit <= _MAX_PAGE:
+        raise JobValidationError(f"limit {limit} is out of range: use 1 to {_MAX_PAGE}")
     wanted = _parse_status(status)
     offset = _decode_cursor(cursor)
     with prefect_api(settings), get_client(sync_client=True) as client:
         check_api(client)
+        # One extra run tells whether another page exists; the server caps a page at 200 runs.
+        fetch = min(limit + 1, _MAX_PAGE)
         runs = client.read_flow_runs(
             flow_run_filter=_run_filter(settings, org, wanted, type),
             sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-            limit=limit + 1,
+            limit=fetch,
             offset=offset,
         )
         jobs = [job_from_flow_run(client, run, settings, details=False) for run in runs[:limit]]
     next_cursor = None
-    if len(runs) > limit:
+    if len(runs) > limit or (fetch == limit and len(runs) == limit):
         next_cursor = base64.urlsafe_b64encode(str(offset + limit).encode()).decode()
     return JobPage(jobs=jobs, next_cursor=next_cursor)
 
@@ -384,9 +391,7 @@ def _parse_status(status: JobStatus | str | None) -> JobStatus | None:
         raise JobValidationError(f"status '{status}' is not one of {known}") from None
 
 
-def wait_for(
-    job_id: str, *, timeout: float | None = None, settings: Settings | None = None
-) -> Job:
+def wait_for(job_id: str, *, timeout: float | None = None, settings: Settings | None = None) -> Job:
     """Poll until the job reaches a final status (or ``timeout`` seconds pass) and return it."""
     settings = settings or get_settings()
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -413,8 +418,10 @@ def cancel(
             return job
         if job.status in FINAL_STATUSES:
             raise JobbridgeError(f"job {job_id} is already {job.status.value}; nothing to cancel")
-        started = job.status in (JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.CANCELLING)
-        new_state = Cancelling() if started or run.deployment_id else Cancelled()
+        # A run no worker has claimed yet is cancelled at once; a claimed one goes through
+        # CANCELLING so that its worker stops the process.
+        not_started = run.state is None or run.state.type is StateType.SCHEDULED
+        new_state: State[Any] = Cancelled() if not_started else Cancelling()
         client.set_flow_run_state(run.id, new_state, force=True)
     if wait:
         return wait_for(job_id, timeout=timeout, settings=settings)
@@ -455,9 +462,7 @@ class LogLine:
 _LEVELS = {10: "DEBUG", 20: "INFO", 30: "WARNING", 40: "ERROR", 50: "CRITICAL"}
 
 
-def logs(
-    job_id: str, *, follow: bool = False, settings: Settings | None = None
-) -> Iterator[LogLine]:
+def logs(job_id: str, *, follow: bool = False, settings: Settings | None = None) -> Iterator[LogLine]:
     """The job's log lines in order; with ``follow``, keeps reading until the job is final."""
     settings = settings or get_settings()
     with prefect_api(settings), get_client(sync_client=True) as client:

@@ -9,10 +9,10 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ProcessingMode(StrEnum):
@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     )
     worker_warm_processes: int = Field(default=1, ge=0, le=32)
     worker_query_seconds: float = Field(default=1.0, gt=0, le=60)
-    plugins: list[str] = Field(
+    plugins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Modules to import so that their job types register."
     )
 
@@ -66,7 +66,8 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("JOBBRIDGE_AWS_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
     )
     aws_access_key_id: str | None = Field(
-        default=None, validation_alias=AliasChoices("JOBBRIDGE_AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID")
+        default=None,
+        validation_alias=AliasChoices("JOBBRIDGE_AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
     )
     aws_secret_access_key: SecretStr | None = Field(
         default=None,
@@ -99,8 +100,9 @@ class Settings(BaseSettings):
 
     @property
     def deployment_name(self) -> str:
-        """Name of the deployment of each job type's flow (``<type>/<deployment_name>``)."""
-        return self.namespaced("jobbridge")
+        """Name of each job type's deployment (``<type>/<deployment_name>``); one per work pool."""
+        base = "jobbridge" if self.work_pool == "local" else f"jobbridge-{self.work_pool}"
+        return self.namespaced(base)
 
     @property
     def state_dir(self) -> Path:

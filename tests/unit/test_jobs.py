@@ -48,7 +48,7 @@ def test_type_and_job_type_that_disagree_name_both_fields() -> None:
 def test_config_is_an_alias_of_parameters() -> None:
     job = Job(name="a", type="train", config={"epochs": 3})
     assert job.parameters == {"epochs": 3} and job.config == {"epochs": 3}
-    with pytest.raises(ValidationError, match="'parameters'.*'config'"):
+    with pytest.raises(ValidationError, match=r"'parameters'.*'config'"):
         Job(name="a", type="train", config={"a": 1}, parameters={"a": 2})
 
 
@@ -59,7 +59,17 @@ def test_legacy_type_names_become_canonical() -> None:
 
 @pytest.mark.parametrize(
     ("given", "expected"),
-    [(1, 1), (2, 2), (3, 3), ("1", 1), ("low", 3), ("medium", 2), ("HIGH", 1), ("critical", 1), (2.0, 2)],
+    [
+        (1, 1),
+        (2, 2),
+        (3, 3),
+        ("1", 1),
+        ("low", 3),
+        ("medium", 2),
+        ("HIGH", 1),
+        ("critical", 1),
+        (2.0, 2),
+    ],
 )
 def test_priority_accepts_numbers_and_names(given: object, expected: int) -> None:
     assert parse_priority(given) == expected
@@ -92,10 +102,14 @@ def test_unknown_fields_and_bad_ids_are_errors() -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.text(max_size=20)
     | st.floats(allow_nan=False, allow_infinity=False),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 aware_datetimes = st.datetimes(
@@ -116,12 +130,28 @@ aware_datetimes = st.datetimes(
     result=json_values,
 )
 def test_json_round_trip_is_equal(
-    name: str, job_type: str, parameters: dict[str, object], priority: int, status: JobStatus,
-    progress: float, created: datetime, finished: datetime | None, tags: list[str], result: object,
+    name: str,
+    job_type: str,
+    parameters: dict[str, object],
+    priority: int,
+    status: JobStatus,
+    progress: float,
+    created: datetime,
+    finished: datetime | None,
+    tags: list[str],
+    result: object,
 ) -> None:
     job = Job(
-        name=name, type=job_type, parameters=parameters, priority=priority, status=status,
-        progress=progress, created_at=created, finished_at=finished, tags=tags, result=result,
+        name=name,
+        type=job_type,
+        parameters=parameters,
+        priority=priority,
+        status=status,
+        progress=progress,
+        created_at=created,
+        finished_at=finished,
+        tags=tags,
+        result=result,
     )
     assert Job.from_json(job.to_json()) == job
     assert Job.model_validate(json.loads(job.to_json())) == job
@@ -161,8 +191,11 @@ def test_every_prefect_state_type_is_covered() -> None:
 
 
 def test_final_statuses_are_exactly_the_terminal_prefect_types() -> None:
-    terminal = {status_from_prefect(t.value) for t in StateType if t.value in
-                {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}}
+    terminal = {
+        status_from_prefect(t.value)
+        for t in StateType
+        if t.value in {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+    }
     assert terminal == set(FINAL_STATUSES)
 
 

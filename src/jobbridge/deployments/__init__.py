@@ -11,6 +11,7 @@ package instead of a copy of its source: no pull step, no storage block.
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Any
 from uuid import UUID
 
@@ -18,6 +19,7 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.utilities.callables import parameter_schema
+from prefect.workers.process import ProcessWorker
 
 from jobbridge.registry import JobTypeSpec, get_spec, known_types
 from jobbridge.settings import Settings
@@ -44,38 +46,35 @@ def create_work_pool(client: SyncPrefectClient, settings: Settings) -> None:
     try:
         client.read_work_pool(settings.work_pool)
     except ObjectNotFound:
-        try:
+        with suppress(ObjectAlreadyExists):
             client.create_work_pool(
                 WorkPoolCreate(
                     name=settings.work_pool,
                     type=WORK_POOL_TYPE,
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
                     description="jobbridge jobs run here (one process per job).",
                 )
             )
-        except ObjectAlreadyExists:
-            pass
     existing = {queue.name for queue in client.read_work_queues(work_pool_name=settings.work_pool)}
     for priority, name in PRIORITY_QUEUES.items():
         if name in existing:
             continue
-        try:
+        with suppress(ObjectAlreadyExists):
             client.create_work_queue(
                 name=name,
                 priority=priority,
                 work_pool_name=settings.work_pool,
                 description=f"jobbridge jobs of priority {priority} (1 is drained first)",
             )
-        except ObjectAlreadyExists:
-            pass
 
 
-_deployment_ids: dict[tuple[str, str, str, str], UUID] = {}
+_deployment_ids: dict[tuple[str, str, str, str, str], UUID] = {}
 
 
 def ensure_deployment(client: SyncPrefectClient, spec: JobTypeSpec, settings: Settings) -> UUID:
     """The id of ``spec``'s deployment, created or updated on first use in this process."""
     api_url = str(client.api_url)
-    key = (api_url, spec.name, settings.deployment_name, spec.entrypoint)
+    key = (api_url, spec.name, settings.deployment_name, settings.work_pool, spec.entrypoint)
     if key in _deployment_ids:
         return _deployment_ids[key]
     flow_id = client.create_flow(spec.flow)
@@ -107,6 +106,4 @@ def ensure_deployments(settings: Settings, api_url: str | None = None) -> dict[s
 
     with prefect_api(settings, api_url), get_client(sync_client=True) as client:
         create_work_pool(client, settings)
-        return {
-            name: ensure_deployment(client, get_spec(name), settings) for name in known_types()
-        }
+        return {name: ensure_deployment(client, get_spec(name), settings) for name in known_types()}
