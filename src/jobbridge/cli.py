@@ -31,10 +31,14 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 
 
 def _ui_base() -> str | None:
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+    """The Prefect UI of the API jobbridge talks to (the stack's, when it was started by this command)."""
+    from prefect.settings import PREFECT_UI_URL
 
-    ui = PREFECT_UI_URL.value() or (PREFECT_API_URL.value() or "").removesuffix("/api")
-    return ui.rstrip("/") or None
+    from jobbridge.runtime import resolve_api_url
+
+    api = os.environ.get("PREFECT_API_URL") or resolve_api_url() or ""
+    ui = PREFECT_UI_URL.value() if not api else api.rstrip("/").removesuffix("/api")
+    return (ui or "").rstrip("/") or None
 
 
 def ui_url(job_id: str) -> str:
@@ -52,7 +56,7 @@ def _parse_params(pairs: list[str], params_json: str | None) -> dict[str, Any]:
         except json.JSONDecodeError as exc:
             raise JobValidationError(f"--params-json is not valid JSON: {exc.msg}") from None
         if not isinstance(loaded, dict):
-            raise JobValidationError("--params-json must be a JSON object, e.g. '{\"source\": \"a.zip\"}'")
+            raise JobValidationError('--params-json must be a JSON object, e.g. \'{"source": "a.zip"}\'')
         params.update(loaded)
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -84,11 +88,19 @@ def submit(
     owner: Annotated[str | None, typer.Option(help="User that owns the job.")] = None,
     priority: Annotated[str, typer.Option(help="1 (high) .. 3 (low) or low/medium/high/critical.")] = "2",
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE, repeatable.")] = None,
-    params_json: Annotated[str | None, typer.Option("--params-json", help="Parameters as a JSON object.")] = None,
+    params_json: Annotated[
+        str | None, typer.Option("--params-json", help="Parameters as a JSON object.")
+    ] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="Extra tag, repeatable.")] = None,
-    idempotency_key: Annotated[str | None, typer.Option(help="Resubmitting with the same key returns the same job.")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the final status; exit 0 only if COMPLETED.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Resubmitting with the same key returns the same job.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for the final status; exit 0 only if COMPLETED.")
+    ] = False,
+    timeout: Annotated[
+        float | None, typer.Option(help="With --wait: give up after this many seconds.")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Submit a job and print its id (with --wait, its final status)."""
@@ -265,7 +277,11 @@ def _print_services(statuses: list[Any], as_json: bool) -> None:
     for column in ("service", "url", "pid", "health", "detail"):
         table.add_column(column)
     for s in statuses:
-        health = "[green]healthy[/green]" if s.healthy else ("[yellow]unhealthy[/yellow]" if s.running else "[dim]stopped[/dim]")
+        health = (
+            "[green]healthy[/green]"
+            if s.healthy
+            else ("[yellow]unhealthy[/yellow]" if s.running else "[dim]stopped[/dim]")
+        )
         table.add_row(s.name, s.url, str(s.pid or ""), health, s.detail)
     console.out.print(table)
 
@@ -303,9 +319,7 @@ def stack_status(as_json: JsonOption = False) -> None:
         raise typer.Exit(1)
 
 
-@worker_app.command(
-    "start", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
-)
+@worker_app.command("start", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker_start(ctx: typer.Context) -> None:
     """Start a worker on the jobbridge pool (options: see `jobbridge worker start --help`)."""
     from jobbridge.deployments.worker import main as worker_main
@@ -327,7 +341,10 @@ def demo(
     if as_json:
         console.print_json([job.model_dump(mode="json") for job in jobs])
     else:
-        console.out.print(console.jobs_table(jobs, ui_url=ui_url))
+        console.out.print(console.jobs_table(jobs, ui_url=ui_url, compact=True))
+        console.err.print(
+            f"[dim]the stack stays up: Prefect UI at {_ui_base()}; `jobbridge stack down` stops it[/dim]"
+        )
     if not all(job.status is JobStatus.COMPLETED for job in jobs):
         raise typer.Exit(1)
 

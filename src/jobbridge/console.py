@@ -43,23 +43,29 @@ def print_error(message: str) -> None:
     err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
 
 
-def jobs_table(jobs: Iterable[Job], ui_url: Callable[[str], str] | None = None) -> Table:
-    """A table of jobs, newest first as given."""
+def _took(job: Job) -> str:
+    if job.started_at is None or job.finished_at is None:
+        return ""
+    return f"{(job.finished_at - job.started_at).total_seconds():.1f} s"
+
+
+def jobs_table(
+    jobs: Iterable[Job], ui_url: Callable[[str], str] | None = None, *, compact: bool = False
+) -> Table:
+    """A table of jobs, in the order given; ``compact`` drops org and creation time for the UI link."""
+    columns = ["id", "name", "type", "status", "progress"]
+    columns += ["took"] if compact else ["org", "created"]
     table = Table(show_lines=False)
-    for column in ("id", "name", "type", "status", "progress", "org", "created"):
+    for column in columns:
         table.add_column(column, overflow="fold")
     if ui_url:
         table.add_column("Prefect UI", overflow="fold")
     for job in jobs:
-        row = [
-            job.id,
-            job.name,
-            job.type,
-            styled(job.status),
-            f"{job.progress:.0f}%",
-            job.org or "",
-            job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-        ]
+        row = [job.id, job.name, job.type, styled(job.status), f"{job.progress:.0f}%"]
+        if compact:
+            row.append(_took(job))
+        else:
+            row += [job.org or "", job.created_at.strftime("%Y-%m-%d %H:%M:%S")]
         if ui_url:
             row.append(ui_url(job.id))
         table.add_row(*row)
@@ -99,9 +105,7 @@ def watch(
     )
     latest: dict[str, Job] = {}
     with Progress(*columns, console=err, transient=False) as progress:
-        bars = {
-            job_id: progress.add_task(job_id[:8], total=100, status="") for job_id in job_ids
-        }
+        bars = {job_id: progress.add_task(job_id[:8], total=100, status="") for job_id in job_ids}
         while True:
             for job_id, bar in bars.items():
                 if job_id in latest and latest[job_id].is_final:

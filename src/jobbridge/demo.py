@@ -44,14 +44,26 @@ def _pipeline(work: Path) -> list[tuple[str, str, dict[str, Any]]]:
     dataset, out = work / "dataset", work / "out"
     archive = out / "dataset.tar.zst"
     return [
-        ("fingerprint dataset", "validate",
-         {"path": str(dataset), "manifest": str(work / "dataset.sha256"), "create": True}),
-        ("pack dataset", "compress",
-         {"source": str(dataset), "destination": str(archive), "format": "tar.zst"}),
-        ("unpack archive", "extract",
-         {"source": str(archive), "destination": str(out / "restored")}),
-        ("verify restored copy", "validate",
-         {"path": str(out / "restored"), "manifest": str(work / "dataset.sha256")}),
+        (
+            "fingerprint dataset",
+            "validate",
+            {"path": str(dataset), "manifest": str(work / "dataset.sha256"), "create": True},
+        ),
+        (
+            "pack dataset",
+            "compress",
+            {"source": str(dataset), "destination": str(archive), "format": "tar.zst"},
+        ),
+        (
+            "unpack archive",
+            "extract",
+            {"source": str(archive), "destination": str(out / "restored")},
+        ),
+        (
+            "verify restored copy",
+            "validate",
+            {"path": str(out / "restored"), "manifest": str(work / "dataset.sha256")},
+        ),
     ]
 
 
@@ -77,6 +89,7 @@ def run_demo(*, workdir: Path | None = None, quiet: bool = False) -> list[Job]:
     work = (workdir or settings.state_dir / "demo").resolve()
     shutil.rmtree(work, ignore_errors=True)
     size = make_dataset(work / "dataset")
+    (work / "out").mkdir()
     if not quiet:
         console.err.print(f"demo dataset: {DEMO_FILES} files, {size / 1e6:.1f} MB in {work}")
     finished: list[Job] = []
