@@ -44,9 +44,7 @@ class JobStatus(StrEnum):
         return self in FINAL_STATUSES
 
 
-FINAL_STATUSES = frozenset(
-    {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.CRASHED}
-)
+FINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.CRASHED})
 
 
 class JobType(StrEnum):
@@ -102,8 +100,7 @@ def parse_priority(value: Any) -> int:
     if isinstance(value, int | float) and float(value).is_integer() and 1 <= int(value) <= 3:
         return int(value)
     raise ValueError(
-        f"priority {value!r} is not accepted: use 1 (high), 2, 3 (low) or one of "
-        "low/medium/high/critical"
+        f"priority {value!r} is not accepted: use 1 (high), 2, 3 (low) or one of low/medium/high/critical"
     )
 
 

@@ -43,9 +43,7 @@ def configure_logging(settings: Settings) -> Path | None:
         handler.set_name(_HANDLER_NAME)
         handler.setLevel(logging.DEBUG)
         handler.setFormatter(
-            logging.Formatter(
-                f"%(asctime)s %(levelname)s pid={os.getpid()} %(name)s: %(message)s"
-            )
+            logging.Formatter(f"%(asctime)s %(levelname)s pid={os.getpid()} %(name)s: %(message)s")
         )
         logger.addHandler(handler)
     return path

@@ -26,7 +26,8 @@ def resolve_api_url(settings: Settings | None = None) -> str | None:
         return settings.prefect_api_url.rstrip("/")
     from jobbridge.stack import running_api_url
 
-    return running_api_url(settings)
+    url: str | None = running_api_url(settings)
+    return url
 
 
 @contextmanager

@@ -27,7 +27,9 @@ ProgressCallback = Callable[[int], None]
 
 def start_progress(description: str) -> UUID:
     """Create the flow run's progress artifact at 0 %; returns its id for the tasks to update."""
-    return create_progress_artifact(progress=0.0, description=description)
+    artifact_id = create_progress_artifact(progress=0.0, description=description)
+    assert isinstance(artifact_id, UUID)  # the sync call returns the id, not a coroutine
+    return artifact_id
 
 
 def _human_bytes(amount: float) -> str:
@@ -78,10 +80,7 @@ class Progress:
         remaining = max(self.total - self.done, 0)
         eta = f"ETA {remaining / rate:.0f} s" if rate > 0 else "ETA unknown"
         if self.unit == "bytes":
-            return (
-                f"{_human_bytes(self.done)} / {_human_bytes(self.total)}, "
-                f"{_human_bytes(rate)}/s, {eta}"
-            )
+            return f"{_human_bytes(self.done)} / {_human_bytes(self.total)}, {_human_bytes(rate)}/s, {eta}"
         return f"{self.done} / {self.total} {self.unit}, {rate:.1f} {self.unit}/s, {eta}"
 
     def advance(self, amount: int) -> None:
