@@ -259,8 +259,10 @@ def _report(results: dict[str, Any]) -> None:
     print(f"  jobbridge submit(wait=True)        {a['jobbridge_submit_inprocess_s'] * 1000:8.1f} ms")
     print(f"  bare Prefect flow (default)        {a['bare_flow_default_s'] * 1000:8.1f} ms")
     print(f"  bare Prefect flow (no heartbeat)   {a['bare_flow_no_heartbeat_s'] * 1000:8.1f} ms")
-    print(f"  ratio vs default: {a['ratio_vs_bare_default']:.2f}x   "
-          f"vs no heartbeat: {a['ratio_vs_bare_no_heartbeat']:.2f}x   (target <= 1.1x)")
+    print(
+        f"  ratio vs default: {a['ratio_vs_bare_default']:.2f}x   "
+        f"vs no heartbeat: {a['ratio_vs_bare_no_heartbeat']:.2f}x   (target <= 1.1x)"
+    )
     ours = results["pool_jobbridge"]
     print(f"\n(b) through the local work pool, {ours['runs']} sequential runs")
     print(f"  {'':28} {'RUNNING p50':>12} {'p90':>8} {'COMPLETED p50':>14} {'p90':>8}")
@@ -268,12 +270,16 @@ def _report(results: dict[str, Any]) -> None:
     if "pool_stock_prefect" in results:
         rows.append(("stock prefect process worker", results["pool_stock_prefect"]))
     for label, row in rows:
-        print(f"  {label:28} {row['running_p50_s']:11.2f}s {row['running_p90_s']:7.2f}s "
-              f"{row['completed_p50_s']:13.2f}s {row['completed_p90_s']:7.2f}s")
+        print(
+            f"  {label:28} {row['running_p50_s']:11.2f}s {row['running_p90_s']:7.2f}s "
+            f"{row['completed_p50_s']:13.2f}s {row['completed_p90_s']:7.2f}s"
+        )
     if "pool_stock_prefect" in results:
         stock = results["pool_stock_prefect"]
-        print(f"  ratio stock/jobbridge, RUNNING p50: {stock['running_p50_s'] / ours['running_p50_s']:.1f}x "
-              f"(target: jobbridge RUNNING p50 <= 2 s)")
+        print(
+            f"  ratio stock/jobbridge, RUNNING p50: {stock['running_p50_s'] / ours['running_p50_s']:.1f}x "
+            f"(target: jobbridge RUNNING p50 <= 2 s)"
+        )
 
 
 if __name__ == "__main__":

@@ -56,9 +56,8 @@ def session_dir() -> Path:
 @pytest.fixture(scope="session")
 def stack() -> Iterator[object]:
     """The embedded stack (Prefect server, local work pool and worker, moto_server, nx-27017), once."""
-    from jobbridge.stack import Stack
-
     from jobbridge.settings import reload_settings
+    from jobbridge.stack import Stack
 
     running = Stack(reload_settings())
     running.up()

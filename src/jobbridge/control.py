@@ -30,10 +30,10 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort, LogSort
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Cancelled, Cancelling, Pending, Scheduled, State, to_state_create
+from prefect.states import Cancelled, Cancelling, Pending, Scheduled, to_state_create
 
 from jobbridge.deployments import ensure_deployment, queue_for_priority
 from jobbridge.errors import (

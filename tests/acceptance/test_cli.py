@@ -17,7 +17,9 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 JOBBRIDGE = str(Path(sys.executable).with_name("jobbridge"))
 
 
-def run_cli(*args: str, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [JOBBRIDGE, *args],
         capture_output=True,
@@ -54,9 +56,21 @@ def test_submit_wait_status_list_logs(tmp_path: Path) -> None:
     data = make_tree(tmp_path / "data")
     archive = tmp_path / "data.tar.gz"
     job = cli_json(
-        "submit", "compress", "--name", "cli pack", "--org", "cli-org", "--priority", "low",
-        "--param", f"source={data}", "--param", f"destination={archive}",
-        "--params-json", '{"format": "tar.gz"}', "--wait",
+        "submit",
+        "compress",
+        "--name",
+        "cli pack",
+        "--org",
+        "cli-org",
+        "--priority",
+        "low",
+        "--param",
+        f"source={data}",
+        "--param",
+        f"destination={archive}",
+        "--params-json",
+        '{"format": "tar.gz"}',
+        "--wait",
     )
     assert job["status"] == "COMPLETED" and job["priority"] == 3 and job["org"] == "cli-org"
     assert archive.exists() and job["result"]["files"] == 2
@@ -94,7 +108,9 @@ def test_submit_wait_exits_non_zero_when_the_job_fails(tmp_path: Path) -> None:
 
 
 def test_bad_input_is_one_clear_line(tmp_path: Path) -> None:
-    assert_one_line_error(run_cli("submit", "extract", "--param", "source=/nowhere"), "destination", "required")
+    assert_one_line_error(
+        run_cli("submit", "extract", "--param", "source=/nowhere"), "destination", "required"
+    )
     assert_one_line_error(run_cli("submit", "teleport"), "unknown job type 'teleport'", "extract")
     assert_one_line_error(run_cli("submit", "extract", "--priority", "urgent"), "priority")
     assert_one_line_error(run_cli("submit", "extract", "--param", "novalue"), "KEY=VALUE")
@@ -112,8 +128,14 @@ def test_extract_of_an_unsafe_archive_fails_the_job_and_says_why(tmp_path: Path)
     with tarfile.open(evil, "w") as tar:
         tar.add(payload, arcname="../escaped.txt")
     done = run_cli(
-        "submit", "extract", "--param", f"source={evil}", "--param", f"destination={tmp_path / 'out'}",
-        "--wait", "--json",
+        "submit",
+        "extract",
+        "--param",
+        f"source={evil}",
+        "--param",
+        f"destination={tmp_path / 'out'}",
+        "--wait",
+        "--json",
     )
     assert done.returncode == 1
     job = json.loads(done.stdout)

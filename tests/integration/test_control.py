@@ -100,7 +100,7 @@ def test_bad_parameters_fail_before_any_run_exists(tmp_path: Path, pool_settings
         control.submit(Job(name="x", type="extract", parameters={"source": 5}), settings=pool_settings)
     message = str(info.value)
     assert "'destination' is required" in message and "'source'" in message
-    with pytest.raises(JobValidationError, match="known job types: .*extract"):
+    with pytest.raises(JobValidationError, match=r"known job types: .*extract"):
         control.submit(Job(name="x", type="nope"), settings=pool_settings)
     assert count_runs(pool_settings) == before
 
@@ -227,10 +227,10 @@ def test_logs_are_read_back_in_order(local_settings: Settings, tmp_path: Path) -
         settings=local_settings,
     )
     lines = wait_until(
-        lambda: [l for l in control.logs(job.id) if "marker found" in l.message], 20, "the log line"
+        lambda: [line for line in control.logs(job.id) if "marker found" in line.message], 20, "the log line"
     )
     assert lines[0].level == "INFO"
-    stamps = [l.timestamp for l in control.logs(job.id)]
+    stamps = [line.timestamp for line in control.logs(job.id)]
     assert stamps == sorted(stamps)
 
 
