@@ -52,7 +52,7 @@ class Settings(BaseSettings):
         description="auto: through the work pool when a worker is online, else in-process.",
     )
     worker_warm_processes: int = Field(default=1, ge=0, le=32)
-    worker_query_seconds: float = Field(default=1.0, gt=0, le=60)
+    worker_query_seconds: float = Field(default=0.5, gt=0, le=60)
     plugins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Modules to import so that their job types register."
     )
