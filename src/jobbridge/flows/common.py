@@ -9,32 +9,15 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from prefect.client.schemas.objects import State, TaskRun
 from pydantic import BaseModel, ValidationError
 
 from jobbridge.errors import JobbridgeError, JobValidationError
 from jobbridge.modes import configure_logging, debug_logger
 from jobbridge.registry import describe_validation_error
 from jobbridge.settings import get_settings
+from jobbridge.tasks.retries import RETRYABLE, retry_unless_user_error
 
 M = TypeVar("M", bound=BaseModel)
-
-#: Delays between task attempts, in seconds (a task runs at most three times).
-TASK_RETRY_DELAYS = [1, 5]
-
-
-def retry_unless_user_error(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry condition for tasks: transient errors retry; jobbridge's validation errors do not."""
-    error = state.data if isinstance(state.data, BaseException) else None
-    return not isinstance(error, JobValidationError)
-
-
-#: Keyword arguments for ``@task`` on every retryable step.
-RETRYABLE: dict[str, Any] = {
-    "retries": len(TASK_RETRY_DELAYS),
-    "retry_delay_seconds": TASK_RETRY_DELAYS,
-    "retry_condition_fn": retry_unless_user_error,
-}
 
 
 def begin(job_type: str, model: type[M], **values: Any) -> M:
