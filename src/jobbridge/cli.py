@@ -319,13 +319,27 @@ def stack_status(as_json: JsonOption = False) -> None:
         raise typer.Exit(1)
 
 
-@worker_app.command("start", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def worker_start(ctx: typer.Context) -> None:
-    """Start a worker on the jobbridge pool (options: see `jobbridge worker start --help`)."""
+@worker_app.command("start")
+def worker_start(
+    pool: Annotated[
+        str | None, typer.Option(help="Work pool to serve (default: JOBBRIDGE_WORK_POOL).")
+    ] = None,
+    warm: Annotated[int | None, typer.Option(help="Pre-started flow-run processes to keep ready.")] = None,
+    query_seconds: Annotated[float | None, typer.Option(help="Seconds between polls for new runs.")] = None,
+    name: Annotated[str | None, typer.Option(help="Worker name shown in the Prefect UI.")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many jobs at once.")] = None,
+) -> None:
+    """Run a worker for the pool in the foreground (Ctrl-C drains, a second Ctrl-C stops)."""
     from jobbridge.deployments.worker import main as worker_main
 
     settings = get_settings()
-    args = list(ctx.args) or ["--pool", settings.work_pool]
+    args = ["--pool", pool or settings.work_pool]
+    args += ["--warm", str(settings.worker_warm_processes if warm is None else warm)]
+    args += ["--query-seconds", str(query_seconds or settings.worker_query_seconds)]
+    if name:
+        args += ["--name", name]
+    if limit is not None:
+        args += ["--limit", str(limit)]
     raise typer.Exit(worker_main(args))
 
 
