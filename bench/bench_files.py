@@ -235,8 +235,9 @@ def fresh_dir(path: Path) -> Callable[[], None]:
 
 def measure(tree: Path, work: Path, repeat: int) -> tuple[list[Row], dict[str, Any]]:
     """The three comparisons (pure functions against the baseline commands)."""
-    from jobbridge.tasks.archive import compress_path, extract_archive
     from jobbridge.tasks.checksum import verify_tree
+    from jobbridge.tasks.pack import compress_path
+    from jobbridge.tasks.unpack import extract_archive
 
     ours_archive, base_archive = work / "ours.tar.zst", work / "base.tar.zst"
     manifest = work / "ours.tar.zst.sha256"

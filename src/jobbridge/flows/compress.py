@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from jobbridge.errors import JobValidationError
 from jobbridge.flows.common import RETRYABLE, begin
 from jobbridge.registry import job_type
-from jobbridge.tasks.archive import (
+from jobbridge.tasks.files import field_error, require_path
+from jobbridge.tasks.pack import (
     COMPRESS_LEVELS,
     CompressFormat,
     CompressResult,
@@ -27,7 +28,6 @@ from jobbridge.tasks.archive import (
     scan_source,
     write_archive,
 )
-from jobbridge.tasks.files import field_error, require_path
 from jobbridge.tasks.progress import Progress, record_result, start_progress
 
 

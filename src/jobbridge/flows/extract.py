@@ -18,15 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from jobbridge.flows.common import RETRYABLE, begin
 from jobbridge.registry import job_type
-from jobbridge.tasks.archive import (
+from jobbridge.tasks.files import field_error, require_path
+from jobbridge.tasks.progress import Progress, record_result, start_progress
+from jobbridge.tasks.unpack import (
     ARCHIVE_FORMATS,
     ExtractResult,
     detect_format,
     extract_archive,
     extract_destination_problem,
 )
-from jobbridge.tasks.files import field_error, require_path
-from jobbridge.tasks.progress import Progress, record_result, start_progress
 
 
 class ExtractParameters(BaseModel):
