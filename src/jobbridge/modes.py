@@ -28,7 +28,7 @@ def job_environment(settings: Settings) -> dict[str, str]:
 def configure_logging(settings: Settings) -> Path | None:
     """In DEBUG mode, send every step's debug log to the debug log file; returns that file's path.
 
-    Idempotent: a second call in the same process adds no second handler.
+    Idempotent: a second call for the same file adds no second handler; another file replaces it.
     """
     if settings.mode is not ProcessingMode.DEBUG:
         return None
@@ -37,8 +37,12 @@ def configure_logging(settings: Settings) -> Path | None:
     for logger_name in _DEBUG_LOGGERS:
         logger = logging.getLogger(logger_name)
         logger.setLevel(logging.DEBUG)
-        if any(getattr(h, "name", None) == _HANDLER_NAME for h in logger.handlers):
+        existing = [h for h in logger.handlers if h.get_name() == _HANDLER_NAME]
+        if any(getattr(h, "baseFilename", None) == str(path) for h in existing):
             continue
+        for handler in existing:  # the debug file changed: write to the new one only
+            logger.removeHandler(handler)
+            handler.close()
         handler = logging.FileHandler(path, encoding="utf-8")
         handler.set_name(_HANDLER_NAME)
         handler.setLevel(logging.DEBUG)

@@ -106,3 +106,14 @@ def test_debug_mode_logs_every_step_to_the_debug_file(tmp_path: Path) -> None:
     assert log_file.read_text().count("a debug step") == 1
     assert job_environment(settings)["JOBBRIDGE_DEBUG_LOG_FILE"] == str(log_file.resolve())
     assert configure_logging(Settings(mode=ProcessingMode.NORMAL)) is None
+
+
+def test_a_new_debug_file_replaces_the_old_one(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    configure_logging(Settings(mode=ProcessingMode.DEBUG, debug_log_file=first))
+    configure_logging(Settings(mode=ProcessingMode.DEBUG, debug_log_file=second))
+    debug_logger("unit").debug("after the switch")
+    for handler in logging.getLogger("jobbridge").handlers:
+        handler.flush()
+    assert "after the switch" in second.read_text()
+    assert "after the switch" not in first.read_text()
