@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.actions import FlowRunCreate
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -52,7 +52,7 @@ from jobbridge.jobs import (
 )
 from jobbridge.modes import configure_logging, debug_logger, job_environment
 from jobbridge.registry import JobTypeSpec, get_spec
-from jobbridge.runtime import check_api, pool_is_online, prefect_api
+from jobbridge.runtime import pool_is_online, prefect_client
 from jobbridge.settings import Settings, get_settings
 from jobbridge.tasks.progress import RESULT_ARTIFACT_TYPE
 
@@ -120,9 +120,10 @@ def job_from_flow_run(
     progress = 100.0 if status is JobStatus.COMPLETED else 0.0
     result: Any = None
     if details:
-        data = _artifact_data(client, run.id, "progress")
-        if isinstance(data, int | float) and status is not JobStatus.COMPLETED:
-            progress = float(min(max(data, 0.0), 100.0))
+        if status is not JobStatus.COMPLETED:
+            data = _artifact_data(client, run.id, "progress")
+            if isinstance(data, int | float):
+                progress = float(min(max(data, 0.0), 100.0))
         result = _artifact_data(client, run.id, RESULT_ARTIFACT_TYPE)
     error = None
     if status in (JobStatus.FAILED, JobStatus.CRASHED, JobStatus.CANCELLED) and state:
@@ -187,8 +188,7 @@ def submit(
     parameters = spec.validate_parameters(job.parameters)
     job = job.model_copy(update={"type": spec.name, "parameters": parameters})
     log.debug("submitting %s job %r with %s", spec.name, job.name, parameters)
-    with prefect_api(settings), get_client(sync_client=True) as client:
-        check_api(client)
+    with prefect_client(settings) as client:
         run = _create_run(client, spec, job, settings, idempotency_key)
         if idempotency_key and dict(run.parameters or {}) != parameters:
             raise IdempotencyConflictError(
@@ -240,7 +240,7 @@ def _create_run(
             work_queue_name=queue_for_priority(job.priority),
             job_variables={"env": job_environment(settings)},
         )
-    flow_id = client.create_flow(spec.flow)
+    flow_id = _flow_id(client, spec)
     create = FlowRunCreate(
         flow_id=flow_id,
         name=name,
@@ -251,6 +251,17 @@ def _create_run(
     )
     response = client.request("POST", "/flow_runs/", json=create.model_dump(mode="json", exclude_unset=True))
     return FlowRun.model_validate(response.json())
+
+
+_flow_ids: dict[tuple[str, str], UUID] = {}
+
+
+def _flow_id(client: SyncPrefectClient, spec: JobTypeSpec) -> UUID:
+    """The server's id of ``spec``'s flow, registered once per API per process."""
+    key = (str(client.api_url), spec.flow.name)
+    if key not in _flow_ids:
+        _flow_ids[key] = client.create_flow(spec.flow)
+    return _flow_ids[key]
 
 
 def _run_in_process(spec: JobTypeSpec, run: FlowRun, settings: Settings, *, block: bool) -> None:
@@ -284,8 +295,7 @@ def _run_in_process(spec: JobTypeSpec, run: FlowRun, settings: Settings, *, bloc
 def get_job(job_id: str, *, settings: Settings | None = None) -> Job:
     """The job with id ``job_id``, read from Prefect (status, progress, result)."""
     settings = settings or get_settings()
-    with prefect_api(settings), get_client(sync_client=True) as client:
-        check_api(client)
+    with prefect_client(settings) as client:
         return job_from_flow_run(client, _read_run(client, job_id, settings), settings)
 
 
@@ -364,8 +374,7 @@ def list_jobs(
         raise JobValidationError(f"limit {limit} is out of range: use 1 to {_MAX_PAGE}")
     wanted = _parse_status(status)
     offset = _decode_cursor(cursor)
-    with prefect_api(settings), get_client(sync_client=True) as client:
-        check_api(client)
+    with prefect_client(settings) as client:
         # One extra run tells whether another page exists; the server caps a page at 200 runs.
         fetch = min(limit + 1, _MAX_PAGE)
         runs = client.read_flow_runs(
@@ -395,7 +404,7 @@ def wait_for(job_id: str, *, timeout: float | None = None, settings: Settings | 
     """Poll until the job reaches a final status (or ``timeout`` seconds pass) and return it."""
     settings = settings or get_settings()
     deadline = None if timeout is None else time.monotonic() + timeout
-    with prefect_api(settings), get_client(sync_client=True) as client:
+    with prefect_client(settings) as client:
         while True:
             run = _read_run(client, job_id, settings)
             state = run.state
@@ -410,8 +419,7 @@ def cancel(
 ) -> Job:
     """Ask the job to stop. A queued job is cancelled at once; a running one goes through CANCELLING."""
     settings = settings or get_settings()
-    with prefect_api(settings), get_client(sync_client=True) as client:
-        check_api(client)
+    with prefect_client(settings) as client:
         run = _read_run(client, job_id, settings)
         job = job_from_flow_run(client, run, settings, details=False)
         if job.status is JobStatus.CANCELLED:
@@ -431,8 +439,7 @@ def cancel(
 def retry(job_id: str, *, settings: Settings | None = None) -> Job:
     """Run a FAILED, CRASHED or CANCELLED job again: the same job (same id), one more attempt."""
     settings = settings or get_settings()
-    with prefect_api(settings), get_client(sync_client=True) as client:
-        check_api(client)
+    with prefect_client(settings) as client:
         run = _read_run(client, job_id, settings)
         job = job_from_flow_run(client, run, settings, details=False)
         retryable = (JobStatus.FAILED, JobStatus.CRASHED, JobStatus.CANCELLED)
@@ -465,8 +472,7 @@ _LEVELS = {10: "DEBUG", 20: "INFO", 30: "WARNING", 40: "ERROR", 50: "CRITICAL"}
 def logs(job_id: str, *, follow: bool = False, settings: Settings | None = None) -> Iterator[LogLine]:
     """The job's log lines in order; with ``follow``, keeps reading until the job is final."""
     settings = settings or get_settings()
-    with prefect_api(settings), get_client(sync_client=True) as client:
-        check_api(client)
+    with prefect_client(settings) as client:
         run = _read_run(client, job_id, settings)
         offset = 0
         while True:

@@ -10,7 +10,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prefect.client.orchestration import SyncPrefectClient
+import httpx
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import WorkPoolStatus
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -61,11 +62,17 @@ def pool_is_online(client: SyncPrefectClient, pool: str) -> bool:
     return online
 
 
-def check_api(client: SyncPrefectClient) -> None:
-    """Fail with a clear message when the Prefect API does not answer."""
-    problem = client.api_healthcheck()
-    if problem is not None:
-        raise PrefectUnavailableError(
-            f"the Prefect API at {client.api_url} does not answer ({type(problem).__name__}); "
-            "start the embedded stack with `jobbridge stack up` or set PREFECT_API_URL"
-        ) from None
+@contextmanager
+def prefect_client(settings: Settings | None = None) -> Iterator[SyncPrefectClient]:
+    """A sync Prefect client on the resolved API; an unreachable API becomes one clear error.
+
+    No health check up front (it would cost a round trip per call): the first real request tells.
+    """
+    with prefect_api(settings) as url, get_client(sync_client=True) as client:
+        try:
+            yield client
+        except httpx.TransportError as exc:
+            raise PrefectUnavailableError(
+                f"the Prefect API at {url or client.api_url} does not answer ({type(exc).__name__}); "
+                "start the embedded stack with `jobbridge stack up` or set PREFECT_API_URL"
+            ) from None

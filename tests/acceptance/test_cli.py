@@ -117,6 +117,8 @@ def test_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("submit", "extract", "--params-json", "{oops"), "--params-json")
     assert_one_line_error(run_cli("status", "not-a-job"), "not a job id")
     assert_one_line_error(run_cli("list", "--status", "DONE"), "status 'DONE'")
+    unreachable = {"PREFECT_API_URL": "http://127.0.0.1:1/api"}
+    assert_one_line_error(run_cli("list", env=unreachable), "does not answer", "jobbridge stack up")
 
 
 def test_extract_of_an_unsafe_archive_fails_the_job_and_says_why(tmp_path: Path) -> None:
