@@ -52,7 +52,7 @@ from jobbridge.jobs import (
 )
 from jobbridge.modes import configure_logging, debug_logger, job_environment
 from jobbridge.registry import JobTypeSpec, get_spec
-from jobbridge.runtime import pool_is_online, prefect_client
+from jobbridge.runtime import pool_is_online, prefect_client, settings_override
 from jobbridge.settings import Settings, get_settings
 from jobbridge.tasks.progress import RESULT_ARTIFACT_TYPE
 
@@ -198,7 +198,7 @@ def submit(
         if run.deployment_id is None and _is_fresh(run):
             _run_in_process(spec, run, settings, block=wait)
         if wait:
-            return wait_for(str(run.id), timeout=timeout, settings=settings)
+            return _wait(client, str(run.id), timeout, settings)
         return job_from_flow_run(client, client.read_flow_run(run.id), settings, details=False)
 
 
@@ -267,19 +267,14 @@ def _flow_id(client: SyncPrefectClient, spec: JobTypeSpec) -> UUID:
 def _run_in_process(spec: JobTypeSpec, run: FlowRun, settings: Settings, *, block: bool) -> None:
     """Run the flow here, against the same API; heartbeats are off (no worker watches this run)."""
     from prefect.flow_engine import run_flow
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-        temporary_settings,
-    )
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
-    api_url = PREFECT_API_URL.value()
+    updates: dict[Any, Any] = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    if PREFECT_API_URL.value():  # a background thread does not inherit this thread's settings context
+        updates[PREFECT_API_URL] = PREFECT_API_URL.value()
 
     def body() -> None:
-        updates: dict[Any, Any] = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
-        if api_url:
-            updates[PREFECT_API_URL] = api_url
-        with temporary_settings(updates=updates):
+        with settings_override(updates):
             run_flow(spec.flow, flow_run=run, parameters=dict(run.parameters), return_type="state")
 
     if block:
@@ -403,15 +398,19 @@ def _parse_status(status: JobStatus | str | None) -> JobStatus | None:
 def wait_for(job_id: str, *, timeout: float | None = None, settings: Settings | None = None) -> Job:
     """Poll until the job reaches a final status (or ``timeout`` seconds pass) and return it."""
     settings = settings or get_settings()
-    deadline = None if timeout is None else time.monotonic() + timeout
     with prefect_client(settings) as client:
-        while True:
-            run = _read_run(client, job_id, settings)
-            state = run.state
-            status = status_from_prefect(state.type.value if state else None, state.name if state else None)
-            if status in FINAL_STATUSES or (deadline is not None and time.monotonic() >= deadline):
-                return job_from_flow_run(client, run, settings)
-            time.sleep(_POLL_SECONDS)
+        return _wait(client, job_id, timeout, settings)
+
+
+def _wait(client: SyncPrefectClient, job_id: str, timeout: float | None, settings: Settings) -> Job:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        run = _read_run(client, job_id, settings)
+        state = run.state
+        status = status_from_prefect(state.type.value if state else None, state.name if state else None)
+        if status in FINAL_STATUSES or (deadline is not None and time.monotonic() >= deadline):
+            return job_from_flow_run(client, run, settings)
+        time.sleep(_POLL_SECONDS)
 
 
 def cancel(
