@@ -268,5 +268,7 @@ def test_debug_mode_writes_the_debug_log_from_the_worker(tmp_path: Path) -> None
         settings=debug,
     )
     assert job.status is JobStatus.COMPLETED
-    text = log_file.read_text()
-    assert "validating parameters" in text and "DEBUG" in text
+    lines = log_file.read_text().splitlines()
+    assert any("DEBUG" in line and "submitting validate job" in line for line in lines)  # this process
+    worker_lines = [line for line in lines if "validating parameters" in line]
+    assert worker_lines and all(f"pid={os.getpid()} " not in line for line in worker_lines)  # the job's

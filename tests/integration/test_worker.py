@@ -25,10 +25,7 @@ from uuid import UUID
 import httpx
 import pytest
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(sys.platform != "linux", reason="uses /proc and POSIX signals"),
-]
+pytestmark = pytest.mark.slow  # Linux only, like the worker: /proc and POSIX signals
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SRC_DIR = REPO_ROOT / "src"
