@@ -62,6 +62,7 @@ log = debug_logger("control")
 _TAG_FIELDS = ("type", "org", "owner", "priority")
 _POLL_SECONDS = 0.25
 _MAX_PAGE = 200
+_PREFECT_ERROR_PREFIX = "Flow run encountered an exception: "
 
 
 # ----------------------------------------------------------------------------------------- tags
@@ -127,7 +128,7 @@ def job_from_flow_run(
         result = _artifact_data(client, run.id, RESULT_ARTIFACT_TYPE)
     error = None
     if status in (JobStatus.FAILED, JobStatus.CRASHED, JobStatus.CANCELLED) and state:
-        error = state.message or status.value.lower()
+        error = (state.message or status.value.lower()).removeprefix(_PREFECT_ERROR_PREFIX)
     return Job(
         id=str(run.id),
         name=run.name,

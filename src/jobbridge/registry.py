@@ -20,6 +20,7 @@ The parameters model is checked at submission, before a flow run exists, so bad 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -54,7 +55,21 @@ class JobTypeSpec:
             model = self.parameters_model.model_validate(dict(parameters))
         except ValidationError as exc:
             raise JobValidationError(describe_validation_error(self.name, exc)) from None
-        return model.model_dump(mode="json", exclude_unset=True)
+        return _absolute_paths(model).model_dump(mode="json", exclude_unset=True)
+
+
+def _absolute_paths(model: BaseModel) -> BaseModel:
+    """Make relative path parameters absolute, against the submitter's working directory.
+
+    A job runs in its worker's process, whose working directory is not the submitter's: ``data/`` must
+    mean the directory the user meant when they typed it.
+    """
+    updates = {
+        name: Path(os.path.abspath(value.expanduser()))
+        for name, value in model
+        if isinstance(value, Path) and name in model.model_fields_set
+    }
+    return model.model_copy(update=updates) if updates else model
 
 
 def describe_validation_error(job_type: str, exc: ValidationError) -> str:

@@ -18,7 +18,7 @@ JOBBRIDGE = str(Path(sys.executable).with_name("jobbridge"))
 
 
 def run_cli(
-    *args: str, timeout: float = 180, env: dict[str, str] | None = None
+    *args: str, timeout: float = 180, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [JOBBRIDGE, *args],
@@ -27,6 +27,7 @@ def run_cli(
         timeout=timeout,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
         stdin=subprocess.DEVNULL,
+        cwd=cwd,
     )
 
 
@@ -174,3 +175,15 @@ def test_demo_runs_the_pipeline_through_the_pool(tmp_path: Path) -> None:
     jobs = cli_json("demo", "--workdir", str(tmp_path / "demo"))
     assert [j["type"] for j in jobs] == ["validate", "compress", "extract", "validate"]
     assert all(j["status"] == "COMPLETED" for j in jobs), jobs
+
+
+def test_relative_paths_mean_the_submitters_directory(tmp_path: Path) -> None:
+    make_tree(tmp_path / "work")
+    done = run_cli(
+        "submit", "compress", "--param", "source=work", "--param", "destination=work.tar.zst",
+        "--wait", "--json", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    assert job["parameters"]["source"] == str(tmp_path / "work")
+    assert (tmp_path / "work.tar.zst").exists()
