@@ -36,12 +36,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -51,10 +50,12 @@ from pydantic import ValidationError
 from jobbridge.errors import JobValidationError
 from jobbridge.jobs import Job, JobStatus, as_utc
 from jobbridge.legacy.codec import LegacyDecodeError, LegacyRecord, job_id_for
+from jobbridge.legacy.extension import EXTENSION, apply_sidecar, sidecar_for
+from jobbridge.legacy.values import dynamo, parse_timestamp, plain
 
 SYSTEM = "argoitny"
 TABLE_NAME = "algoitny_main"
-SIDECAR = "jobbridge"
+SIDECAR = EXTENSION
 META = "META"
 STEP_MAX = 100  # argoitny truncates a progress step to 100 characters
 
@@ -131,42 +132,21 @@ class ArgoitnyProgress:
 # ---- values -------------------------------------------------------------------------------------------
 
 
-def plain(value: Any) -> Any:
-    """Decimal -> int when integral, else float; recursively."""
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set):
-        return [plain(v) for v in value]
-    return value
-
-
-def dynamo(value: Any) -> Any:
-    """int/float -> Decimal recursively: boto3's resource API refuses Python floats."""
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, int | float):
-        return Decimal(str(value))
-    if isinstance(value, Mapping):
-        return {str(k): dynamo(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [dynamo(v) for v in value]
-    return value
-
-
 def parse_time(value: Any, record_id: str, field: str) -> datetime:
-    """Epoch seconds (Decimal/int/float or digits) or ISO 8601 (naive = UTC) as an aware UTC datetime."""
+    """Epoch seconds (Decimal/int/float or digits) or ISO 8601 (naive = UTC) as an aware UTC datetime.
+
+    Unlike the other systems, a missing time is an error: ``crt`` is always written, and a ``PROG#`` key
+    may hold the digits of its epoch (hence digit strings, which ``fromisoformat`` would refuse).
+    """
     try:
-        if isinstance(value, Decimal | int | float) and not isinstance(value, bool):
-            return datetime.fromtimestamp(float(value), UTC)
-        text = str(value).strip()
-        if text.isdigit():
-            return datetime.fromtimestamp(int(text), UTC)
-        return as_utc(datetime.fromisoformat(text))
+        digits = str(value).strip()
+        moment = parse_timestamp(int(digits) if digits.isdigit() else value)
     except (TypeError, ValueError, OverflowError):
+        moment = None
+    if moment is None:
         problem = f"{value!r} is not epoch seconds or an ISO 8601 timestamp"
-        raise LegacyDecodeError(SYSTEM, record_id, field, problem) from None
+        raise LegacyDecodeError(SYSTEM, record_id, field, problem)
+    return moment
 
 
 def epoch(value: datetime) -> int:
@@ -178,30 +158,6 @@ def text(dat: Mapping[str, Any], key: str) -> str:
     """A ``dat`` string field; argoitny writes '' for "not set", and a NULL reads the same way."""
     value = dat.get(key)
     return "" if value is None else str(plain(value))
-
-
-def sidecar_for(job: Job, derived: Job) -> str | None:
-    """Fields where ``job`` differs from what the layout alone implies, each with that implied value."""
-    wanted, implied = job.model_dump(mode="json"), derived.model_dump(mode="json")
-    diff = {name: [wanted[name], implied[name]] for name in wanted if wanted[name] != implied[name]}
-    return json.dumps(diff, sort_keys=True, separators=(",", ":")) if diff else None
-
-
-def apply_sidecar(base: Job, raw: Any, record_id: str) -> Job:
-    """Restore sidecar fields whose implied value the layout still implies (argoitny's own writes win)."""
-    if raw is None or raw == "":
-        return base
-    try:
-        diff = json.loads(raw) if isinstance(raw, str) else None
-        if not isinstance(diff, dict):
-            raise ValueError("not a JSON object")
-        data = base.model_dump(mode="json")
-        for name, (wanted, implied) in diff.items():
-            if name in data and data[name] == implied:
-                data[name] = wanted
-        return Job.model_validate(data)
-    except (ValueError, TypeError) as exc:
-        raise LegacyDecodeError(SYSTEM, record_id, SIDECAR, f"cannot be applied ({exc})") from None
 
 
 def decode_generator(raw: str) -> str:
@@ -290,7 +246,7 @@ class ArgoitnyJobCodec:
         if not isinstance(dat, Mapping):
             raise LegacyDecodeError(SYSTEM, record_id, "dat", "is missing or not a map")
         base = self._layout_job(record, dat, kind, legacy_id, record_id)
-        job = apply_sidecar(base, record.get(SIDECAR), record_id)
+        job = apply_sidecar(base, record.get(SIDECAR), SYSTEM, record_id)
         return LegacyRecord(job=job, legacy_id=legacy_id, extra=self._extra(record, dat, kind))
 
     def encode(self, record: LegacyRecord) -> list[dict[str, Any]]:

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from pydantic import ValidationError
+
 from jobbridge.errors import JobbridgeError
 from jobbridge.jobs import Job, JobStatus
 
@@ -42,6 +44,30 @@ def job_id_for(legacy_id: str) -> str:
         return str(uuid.UUID(legacy_id))
     except ValueError:
         return str(uuid.uuid5(LEGACY_ID_NAMESPACE, legacy_id))
+
+
+def build_job(
+    fields: Mapping[str, Any],
+    *,
+    system: str,
+    record_id: str,
+    legacy_names: Mapping[str, str],
+    fallback: str,
+    problem: str = "is not valid",
+) -> Job:
+    """The Job, or a LegacyDecodeError naming the legacy field behind pydantic's first complaint.
+
+    The user fixes the legacy record, not the Job, so the error names the record's field
+    (``legacy_names``: Job field -> legacy name; ``fallback`` when pydantic names none).
+    """
+    try:
+        return Job(**fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else fallback
+        raise LegacyDecodeError(
+            system, record_id, legacy_names.get(name, name), f"{problem}: {first['msg']}"
+        ) from None
 
 
 class LegacyCodec(Protocol):

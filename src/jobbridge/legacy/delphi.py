@@ -49,15 +49,15 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from pydantic import ValidationError
-
 from jobbridge.jobs import Job, JobStatus
-from jobbridge.legacy.codec import LegacyDecodeError, LegacyRecord, job_id_for
+from jobbridge.legacy.codec import LegacyDecodeError, LegacyRecord, build_job, job_id_for
+from jobbridge.legacy.extension import EXTENSION, apply_sidecar, sidecar_for
+from jobbridge.legacy.values import dynamo, json_value, parse_timestamp, plain
 
 SYSTEM = "delphi"
 TABLE_NAME = "Delphi_JobQueue"
 #: Attribute holding the canonical fields the Delphi layout has no place for (a JSON string).
-SIDECAR = "jobbridge"
+SIDECAR = EXTENSION
 UNCLAIMED_WORKER = "none"
 
 #: GSI key attributes: DynamoDB rejects an item with NULL or '' in any of them.
@@ -83,41 +83,12 @@ _SOURCE_FIELD: Mapping[str, str] = MappingProxyType(
 # ---- values -------------------------------------------------------------------------------------------
 
 
-def plain(value: Any) -> Any:
-    """Decimal -> int when integral, else float; recursively, so decoded Jobs hold plain JSON values."""
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set):
-        return [plain(v) for v in value]
-    return value
-
-
-def dynamo(value: Any) -> Any:
-    """int/float -> Decimal recursively: boto3's resource API refuses Python floats."""
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, int | float):
-        return Decimal(str(value))
-    if isinstance(value, Mapping):
-        return {str(k): dynamo(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [dynamo(v) for v in value]
-    return value
-
-
 def parse_time(value: Any, record_id: str, field: str) -> datetime | None:
     """Read any of Delphi's timestamp flavours; '' and None mean "not set"; naive means UTC."""
-    if value is None or value == "":
-        return None
     try:
-        if isinstance(value, Decimal | int | float) and not isinstance(value, bool):
-            return datetime.fromtimestamp(float(value), UTC)
-        parsed = datetime.fromisoformat(str(value).strip())
+        return parse_timestamp(value)
     except (TypeError, ValueError, OverflowError):
         raise LegacyDecodeError(SYSTEM, record_id, field, f"{value!r} is not an ISO 8601 timestamp") from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def format_time(value: datetime) -> str:
@@ -151,53 +122,10 @@ def priority_band(value: Any, record_id: str) -> int:
 
 def json_field(item: Mapping[str, Any], field: str, record_id: str) -> Any:
     """A field the legacy code stores as a JSON string; the docs shape stores a native map, read both."""
-    value = item.get(field)
-    if isinstance(value, str):
-        if not value.strip():
-            return None
-        try:
-            return json.loads(value)
-        except ValueError as exc:
-            raise LegacyDecodeError(SYSTEM, record_id, field, f"is not valid JSON ({exc})") from None
-    return plain(value)
-
-
-# ---- sidecar: canonical fields the layout has no place for -----------------------------------------------
-
-
-def sidecar_for(job: Job, derived: Job) -> str | None:
-    """Fields where ``job`` differs from what the layout alone implies, each with that implied value."""
-    wanted, implied = job.model_dump(mode="json"), derived.model_dump(mode="json")
-    diff = {name: [wanted[name], implied[name]] for name in wanted if wanted[name] != implied[name]}
-    return json.dumps(diff, sort_keys=True, separators=(",", ":")) if diff else None
-
-
-def apply_sidecar(base: Job, text: Any, record_id: str) -> Job:
-    """Restore sidecar fields whose implied value the layout still implies (a legacy writer's change wins)."""
-    if text is None or text == "":
-        return base
     try:
-        diff = json.loads(text) if isinstance(text, str) else None
-        if not isinstance(diff, dict):
-            raise ValueError("not a JSON object")
-        data = base.model_dump(mode="json")
-        for name, (wanted, implied) in diff.items():
-            if name in data and data[name] == implied:
-                data[name] = wanted
-        return Job.model_validate(data)
-    except (ValueError, TypeError) as exc:
-        raise LegacyDecodeError(SYSTEM, record_id, SIDECAR, f"cannot be applied ({exc})") from None
-
-
-def build_job(fields: dict[str, Any], record_id: str) -> Job:
-    """Validate the Job, turning a validation error into one naming the Delphi attribute at fault."""
-    try:
-        return Job(**fields)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        name = str(error["loc"][0]) if error["loc"] else "job"
-        field = _SOURCE_FIELD.get(name, name)
-        raise LegacyDecodeError(SYSTEM, record_id, field, f"cannot be read: {error['msg']}") from None
+        return json_value(item.get(field))
+    except ValueError as exc:
+        raise LegacyDecodeError(SYSTEM, record_id, field, f"is not valid JSON ({exc})") from None
 
 
 # ---- the codec ----------------------------------------------------------------------------------------
@@ -243,7 +171,7 @@ class DelphiJobCodec:
         """Read one item; raises LegacyDecodeError naming the item and the attribute it cannot read."""
         record_id = self._record_id(record)
         self._check_index_keys(record, record_id)
-        job = apply_sidecar(self._layout_job(record, record_id), record.get(SIDECAR), record_id)
+        job = apply_sidecar(self._layout_job(record, record_id), record.get(SIDECAR), SYSTEM, record_id)
         extra = {key: plain(value) for key, value in record.items() if key not in _MAPPED}
         return LegacyRecord(job=job, legacy_id=record_id, extra=extra)
 
@@ -316,7 +244,14 @@ class DelphiJobCodec:
             "error": error,
             "result": result,
         }
-        return build_job(fields, record_id)
+        return build_job(
+            fields,
+            system=SYSTEM,
+            record_id=record_id,
+            legacy_names=_SOURCE_FIELD,
+            fallback="job",
+            problem="cannot be read",
+        )
 
     @staticmethod
     def _name(job_type: str, record: Mapping[str, Any], record_id: str) -> str:

@@ -22,10 +22,11 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 
 from boto3.dynamodb.types import TypeDeserializer
-from pydantic import ValidationError
 
 from jobbridge.jobs import PRIORITY_NAMES, Job, JobStatus
-from jobbridge.legacy.codec import LegacyDecodeError, LegacyRecord, job_id_for
+from jobbridge.legacy.codec import LegacyDecodeError, LegacyRecord, build_job, job_id_for
+from jobbridge.legacy.extension import EXTENSION, overrides_for, read_overrides
+from jobbridge.legacy.values import BadField, map_field, parse_timestamp, plain_number, text_field, to_decimal
 
 #: receipt_trainer status -> canonical status; 'queued' (rt-job-09, by hand) is not in its validator list.
 TO_CANONICAL: dict[str, JobStatus] = {
@@ -69,7 +70,7 @@ _LEGACY_TYPE: dict[str, str] = {canonical: legacy for legacy, canonical in TYPE_
 _DESCRIPTION = re.compile(r"^Job (?P<name>.*) of type (?P<type>[A-Za-z0-9_\-]+)$", re.DOTALL)
 DEFAULT_TYPE = "train"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-OVERRIDES = "jobbridge"
+OVERRIDES = EXTENSION
 _JOB_ATTRIBUTES = frozenset({"PK", "SK", "GSI1PK", "GSI1SK", "TYPE", OVERRIDES, "name", "description"})
 _JOB_ATTRIBUTES |= {"created_at", "created_by", "status", "priority", "job_config", "tags"}
 _MESSAGE_FIELDS = frozenset({"name", "type", "job_type", "config", "job_id", "status", "priority", "tags"})
@@ -83,14 +84,6 @@ _BOOL_AS_NUMBER = (
     "a number attribute holding no number, e.g. a boolean written as {'N': 'True'} (a receipt_trainer "
     "serializer bug); DynamoDB rejects such an item, so it was never stored: write {'BOOL': true|false}"
 )
-
-
-class _BadField(ValueError):
-    """A field that cannot be read; the codec adds the record id."""
-
-    def __init__(self, field_name: str, problem: str) -> None:
-        super().__init__(problem)
-        self.field_name, self.problem = field_name, problem
 
 
 @dataclass(frozen=True)
@@ -111,17 +104,12 @@ def is_wire_item(item: Mapping[str, Any]) -> bool:
     return isinstance(item.get("PK"), Mapping)
 
 
-def _plain_number(value: Decimal) -> int | float:
-    """A DynamoDB number as int when integral, else float: what the legacy code had put in."""
-    return int(value) if value == value.to_integral_value() else float(value)
-
-
 def plain(value: Any, path: str = "value") -> Any:
     """A boto3 resource value as plain Python: Decimal -> int/float, sets -> sorted lists."""
     if isinstance(value, Decimal):
         if not value.is_finite():  # TypeDeserializer reads {"N": "True"} as Decimal('NaN')
-            raise _BadField(path, f"is {_BOOL_AS_NUMBER}")
-        return _plain_number(value)
+            raise BadField(path, f"is {_BOOL_AS_NUMBER}")
+        return plain_number(value)
     if isinstance(value, Mapping):
         return {k: plain(v, f"{path}.{k}") for k, v in value.items()}
     if isinstance(value, set | frozenset):
@@ -135,10 +123,8 @@ def to_dynamo(value: Any) -> Any:
     """Plain Python as boto3's resource API stores it: numbers as Decimal (floats via repr, so exactly)."""
     if isinstance(value, bool) or value is None or isinstance(value, str | bytes | Decimal):
         return value
-    if isinstance(value, int):
-        return Decimal(value)
-    if isinstance(value, float):
-        return Decimal(repr(value))
+    if isinstance(value, int | float):
+        return to_decimal(value)
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, Mapping):
@@ -146,23 +132,6 @@ def to_dynamo(value: Any) -> Any:
     if isinstance(value, list | tuple | set | frozenset):
         return [to_dynamo(v) for v in value]
     raise TypeError(f"{type(value).__name__} cannot be stored in DynamoDB")
-
-
-def parse_time(value: Any, local_tz: tzinfo) -> datetime | None:
-    """Read ISO 8601 (naive = ``local_tz``, 'Z' or an offset) or epoch seconds (SQS bodies) as aware UTC."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, int | float | Decimal) and not isinstance(value, bool):
-        return datetime.fromtimestamp(float(value), UTC)
-    elif isinstance(value, str):
-        moment = datetime.fromisoformat(value.strip())
-    else:
-        raise ValueError(f"{value!r} is not a timestamp")
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=local_tz)
-    return moment.astimezone(UTC)
 
 
 def _tag_list(tags: Mapping[str, Any]) -> list[str]:
@@ -204,8 +173,8 @@ class ReceiptTrainerJobCodec:
             item = self._plain_item(record)
             legacy_id = _job_id(item, "JOB")
             fields, extra = self._job_fields(item)
-            overrides = _overrides(item)
-        except _BadField as exc:
+            overrides = read_overrides(item)
+        except BadField as exc:
             raise self._error(record_id, exc.field_name, exc.problem) from None
         job = self._build(record_id, legacy_id, {**fields, **overrides})
         return LegacyRecord(job=job, legacy_id=legacy_id, extra=extra)
@@ -215,7 +184,7 @@ class ReceiptTrainerJobCodec:
             try:
                 record = {name: _DESERIALIZER.deserialize(value) for name, value in record.items()}
             except (TypeError, ValueError, AttributeError) as exc:
-                raise _BadField("item", f"is not DynamoDB JSON ({exc})") from None
+                raise BadField("item", f"is not DynamoDB JSON ({exc})") from None
         return {name: plain(value, name) for name, value in record.items()}
 
     def _job_fields(self, item: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -233,14 +202,14 @@ class ReceiptTrainerJobCodec:
         status_text, priority_text = _text(data, "status").lower(), _text(data, "priority").lower()
         tags = data.get("tags")
         if tags is not None and not isinstance(tags, Mapping):
-            raise _BadField("tags", f"is {tags!r}, not a map of strings")
+            raise BadField("tags", f"is {tags!r}, not a map of strings")
         extra: dict[str, Any] = {"status": status_text, "priority": priority_text}
         if tags is not None:
             extra["tags"] = dict(tags)
         extra["attributes"] = {k: v for k, v in data.items() if k not in consumed}
         fields = {
             "name": _text(data, "name"),
-            "parameters": _map(data, config),
+            "parameters": map_field(data, config),
             "priority": _priority(priority_text),
             "tags": _tag_list(tags or {}),
             "status": self._status(status_text),
@@ -257,33 +226,30 @@ class ReceiptTrainerJobCodec:
 
     def _status(self, text: str) -> JobStatus:
         if text not in TO_CANONICAL:
-            raise _BadField(
+            raise BadField(
                 "status", f"is {text!r}, not a receipt_trainer status: use one of {list(TO_CANONICAL)}"
             )
         return TO_CANONICAL[text]
 
     def _time(self, item: Mapping[str, Any], name: str) -> datetime | None:
         try:
-            return parse_time(item.get(name), self.local_tz)
+            return parse_timestamp(item.get(name), self.local_tz)  # SQS bodies hold epoch seconds
         except ValueError as exc:
-            raise _BadField(name, f"is not a timestamp ({exc})") from None
+            raise BadField(name, f"is not a timestamp ({exc})") from None
 
     def _at(self, item: Mapping[str, Any], name: str) -> datetime:
         """A required timestamp."""
         moment = self._time(item, name)
         if moment is None:
-            raise _BadField(name, "is missing: an ISO 8601 timestamp is required")
+            raise BadField(name, "is missing: an ISO 8601 timestamp is required")
         return moment
 
     def _build(self, record_id: str, legacy_id: str, fields: Mapping[str, Any]) -> Job:
         """The Job, with a pydantic complaint turned into an error naming the legacy field."""
-        try:
-            return Job(id=job_id_for(legacy_id), **fields)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            name = str(first["loc"][0]) if first["loc"] else "record"
-            legacy = _LEGACY_FIELD.get(name, name)
-            raise self._error(record_id, legacy, f"is not valid: {first['msg']}") from None
+        full = {"id": job_id_for(legacy_id), **fields}
+        return build_job(
+            full, system=self.system, record_id=record_id, legacy_names=_LEGACY_FIELD, fallback="record"
+        )
 
     def encode(self, record: LegacyRecord) -> list[dict[str, Any]]:
         """The JOB item with its GSI attributes (history: :meth:`status_item`, :meth:`log_item`)."""
@@ -322,10 +288,7 @@ class ReceiptTrainerJobCodec:
     def _overrides_for(self, record: LegacyRecord, item: Mapping[str, Any]) -> dict[str, Any]:
         """Canonical fields the legacy attributes would read back differently: kept in ``jobbridge``."""
         fields, _ = self._job_fields(self._plain_item(item))
-        derived = Job(id=record.job.id, **fields)
-        exact = record.job.model_dump(mode="json")
-        names = [name for name in Job.model_fields if name != "id"]
-        return {name: exact[name] for name in names if getattr(derived, name) != getattr(record.job, name)}
+        return overrides_for(record.job, Job(id=record.job.id, **fields))
 
     def _iso(self, moment: datetime) -> str:
         """Naive ISO in the legacy zone with microseconds, as ``datetime.now().isoformat()`` wrote it."""
@@ -375,7 +338,7 @@ class ReceiptTrainerJobCodec:
                 progress=None if progress is None else _number(progress, "progress"),
                 instance_id=item.get("instance_id"),
             )
-        except _BadField as exc:
+        except BadField as exc:
             raise self._error(_record_id(record), exc.field_name, exc.problem) from None
 
     def latest_status(self, records: Sequence[Mapping[str, Any]]) -> StatusEntry | None:
@@ -416,7 +379,7 @@ class ReceiptTrainerJobCodec:
         record_id = str(data.get("job_id") or "<SQS message without job_id>")
         try:
             fields, extra = self._message_fields(data)
-        except _BadField as exc:
+        except BadField as exc:
             raise self._error(record_id, exc.field_name, exc.problem) from None
         return LegacyRecord(job=self._build(record_id, record_id, fields), legacy_id=record_id, extra=extra)
 
@@ -452,44 +415,33 @@ def _job_id(item: Mapping[str, Any], sort_key: str) -> str:
     """The job id of ``PK=JOB#{id}``, checking the sort key is the expected kind of item."""
     pk, sk = str(item.get("PK") or ""), str(item.get("SK") or "")
     if not pk.startswith("JOB#") or len(pk) == 4:
-        raise _BadField("PK", f"is {pk!r}: expected 'JOB#{{job_id}}'")
+        raise BadField("PK", f"is {pk!r}: expected 'JOB#{{job_id}}'")
     if not (sk == sort_key if sort_key == "JOB" else sk.startswith(sort_key)):
-        raise _BadField("SK", f"is {sk!r}: expected {sort_key!r} for this kind of item")
+        raise BadField("SK", f"is {sk!r}: expected {sort_key!r} for this kind of item")
     return pk[4:]
 
 
 def _text(item: Mapping[str, Any], name: str) -> str:
-    value = item.get(name)
-    if not isinstance(value, str) or not value:
-        raise _BadField(name, "is missing" if value is None else f"is {value!r}, not a non-empty string")
-    return value
-
-
-def _map(item: Mapping[str, Any], name: str) -> dict[str, Any]:
-    value = item.get(name)
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _BadField(name, f"is {type(value).__name__}, not a map")
-    return dict(value)
+    """receipt_trainer's validator accepted whitespace-only strings, so they read as given."""
+    return text_field(item, name, blank_ok=True)
 
 
 def _number(value: Any, name: str) -> int | float:
     """A number that may arrive as Decimal, int, float or a string such as '5e-05'."""
     if isinstance(value, bool):
-        raise _BadField(name, f"is the boolean {value!r}, not a number")
+        raise BadField(name, f"is the boolean {value!r}, not a number")
     try:
         number = Decimal(str(value))
     except InvalidOperation:
         number = Decimal("NaN")
     if not number.is_finite():
-        raise _BadField(name, f"is {value!r}, not a number")
-    return _plain_number(number)
+        raise BadField(name, f"is {value!r}, not a number")
+    return plain_number(number)
 
 
 def _priority(text: str) -> int:
     if text not in LEGACY_PRIORITIES:
-        raise _BadField("priority", f"is {text!r}: use one of {', '.join(LEGACY_PRIORITIES)}")
+        raise BadField("priority", f"is {text!r}: use one of {', '.join(LEGACY_PRIORITIES)}")
     return PRIORITY_NAMES[text]
 
 
@@ -511,20 +463,10 @@ def _message_type(data: Mapping[str, Any]) -> str:
     """``Job.to_json`` writes the type twice; both must agree."""
     given = {key: data[key] for key in ("type", "job_type") if data.get(key) is not None}
     if not given:
-        raise _BadField("type", "is missing (neither 'type' nor 'job_type' is set)")
+        raise BadField("type", "is missing (neither 'type' nor 'job_type' is set)")
     if len(set(given.values())) > 1:
-        raise _BadField("job_type", f"is {given['job_type']!r} but 'type' is {given['type']!r}")
+        raise BadField("job_type", f"is {given['job_type']!r} but 'type' is {given['type']!r}")
     value = next(iter(given.values()))
     if not isinstance(value, str):
-        raise _BadField("type", f"is {value!r}, not a job type name")
+        raise BadField("type", f"is {value!r}, not a job type name")
     return value
-
-
-def _overrides(item: Mapping[str, Any]) -> dict[str, Any]:
-    value = item.get(OVERRIDES) or {}
-    if not isinstance(value, Mapping):
-        raise _BadField(OVERRIDES, f"is {type(value).__name__}, not a map of Job fields")
-    unknown = set(value) - set(Job.model_fields) | {"id"} & set(value)
-    if unknown:
-        raise _BadField(OVERRIDES, f"holds {sorted(unknown)}, which are not overridable Job fields")
-    return dict(value)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, ClassVar
 
-from pydantic import ValidationError
-
 from jobbridge.jobs import DEFAULT_PRIORITY, FINAL_STATUSES, LEGACY_TYPE_ALIASES, Job, JobStatus, JobType
-from jobbridge.legacy.codec import LegacyDecodeError, LegacyRecord, job_id_for
+from jobbridge.legacy.codec import LegacyDecodeError, LegacyRecord, build_job, job_id_for
+from jobbridge.legacy.extension import EXTENSION, overrides_for, read_overrides
+from jobbridge.legacy.values import BadField, map_field, parse_timestamp, text_field
 
 SYSTEM = "scientistcloud"
 
@@ -90,7 +91,7 @@ MAX_ATTEMPTS: dict[str, int] = {
     "data_validation": 2,
 }
 
-OVERRIDES = "jobbridge"
+OVERRIDES = EXTENSION
 QUEUE_LAYOUT, UPLOAD_LAYOUT = "job_queue", "upload"
 _QUEUE_FIELDS = frozenset(
     {"job_id", "job_type", "status", "priority", "created_at", "started_at", "completed_at", "attempts"}
@@ -103,32 +104,16 @@ _UPLOAD_FIELDS = frozenset(
 _LEGACY_FIELD = {"type": "job_type", "owner": "user_email"}
 
 
-class _BadField(ValueError):
-    """A value that cannot be read; the codec adds the record id."""
-
-    def __init__(self, field_name: str, problem: str) -> None:
-        super().__init__(problem)
-        self.field_name, self.problem = field_name, problem
-
-
 # --- values -------------------------------------------------------------------------------------------
 
 
 def parse_time(value: Any) -> datetime | None:
     """A Mongo date as aware UTC: datetime (naive = UTC, as utcnow() wrote it), ``$date``, ISO, epoch s."""
-    if value is None or value == "":
-        return None
     if isinstance(value, Mapping) and "$date" in value:
         return _extended_date(value["$date"])
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(float(value), UTC)
-    elif isinstance(value, str):
-        moment = datetime.fromisoformat(value.strip())
-    else:
+    if isinstance(value, Decimal):  # pymongo never returns one (BSON decimals are Decimal128): not a date
         raise ValueError(f"{value!r} is not a date")
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return parse_timestamp(value, noun="date")
 
 
 def _extended_date(inner: Any) -> datetime | None:
@@ -189,24 +174,20 @@ class ScientistCloudJobCodec:
         """Read one ``jobs`` document; a field that cannot be read raises LegacyDecodeError naming it."""
         record_id = _record_id(record)
         try:
-            legacy_id = _text(record, "job_id")
+            legacy_id = text_field(record, "job_id")
             fields, extra = _fields(record)
             overrides = _overrides(record)
-        except _BadField as exc:
+        except BadField as exc:
             raise self._error(record_id, exc.field_name, exc.problem) from None
         job = self._build(record_id, legacy_id, {**fields, **overrides})
         return LegacyRecord(job=job, legacy_id=legacy_id, extra=extra)
 
     def _build(self, record_id: str, legacy_id: str, fields: Mapping[str, Any]) -> Job:
         """The Job, with a pydantic complaint turned into an error naming the legacy field."""
-        try:
-            return Job(id=job_id_for(legacy_id), **fields)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            name = str(first["loc"][0]) if first["loc"] else "record"
-            raise self._error(
-                record_id, _LEGACY_FIELD.get(name, name), f"is not valid: {first['msg']}"
-            ) from None
+        full = {"id": job_id_for(legacy_id), **fields}
+        return build_job(
+            full, system=self.system, record_id=record_id, legacy_names=_LEGACY_FIELD, fallback="record"
+        )
 
     def encode(self, record: LegacyRecord) -> list[dict[str, Any]]:
         """The ``jobs`` document for this job, in the layout the record came in (JobQueueManager if new)."""
@@ -232,14 +213,14 @@ def _layout(doc: Mapping[str, Any]) -> str:
 def _fields(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Canonical fields the legacy document carries, and what only the legacy layout holds."""
     layout = _layout(doc)
-    legacy_type = _text(doc, "job_type")
-    status_text = _text(doc, "status").strip().lower()
+    legacy_type = text_field(doc, "job_type")
+    status_text = text_field(doc, "status").strip().lower()
     if status_text not in TO_CANONICAL:
-        raise _BadField(
+        raise BadField(
             "status", f"is {status_text!r}, not a ScientistCloud job status: use one of {list(TO_CANONICAL)}"
         )
     status = TO_CANONICAL[status_text]
-    params = _map(doc, "config" if layout == UPLOAD_LAYOUT else "parameters")
+    params = map_field(doc, "config" if layout == UPLOAD_LAYOUT else "parameters", noun="document")
     known = _UPLOAD_FIELDS if layout == UPLOAD_LAYOUT else _QUEUE_FIELDS
     extra = {
         "layout": layout,
@@ -249,7 +230,7 @@ def _fields(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     created = _time(doc, "created_at") or _time(doc, "updated_at")
     if created is None:
-        raise _BadField("created_at", "is missing: a date is required")
+        raise BadField("created_at", "is missing: a date is required")
     fields = {
         "name": _default_name(doc, legacy_type, params),
         "type": canonical_type(legacy_type),
@@ -288,7 +269,7 @@ def _attempts(doc: Mapping[str, Any]) -> int:
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
-        raise _BadField("attempts", f"is {value!r}, not a whole number")
+        raise BadField("attempts", f"is {value!r}, not a whole number")
     return int(value)
 
 
@@ -351,49 +332,18 @@ def _overrides_for(record: LegacyRecord, doc: Mapping[str, Any]) -> dict[str, An
     """Canonical fields the legacy fields would read back differently (timestamps compared to the ms)."""
     fields, _ = _fields(doc)
     derived = Job(id=record.job.id, **fields)
-    job = record.job
-    exact = job.model_dump(mode="json")
-    differing = {}
-    for name in Job.model_fields:
-        ours, theirs = getattr(job, name), getattr(derived, name)
-        if isinstance(ours, datetime):
-            ours = _to_ms(ours)
-        if name != "id" and ours != theirs:
-            differing[name] = exact[name]
-    return differing
+    return overrides_for(record.job, derived, lambda v: _to_ms(v) if isinstance(v, datetime) else v)
 
 
 def _overrides(doc: Mapping[str, Any]) -> dict[str, Any]:
-    value = doc.get(OVERRIDES) or {}
-    if not isinstance(value, Mapping):
-        raise _BadField(OVERRIDES, f"is {type(value).__name__}, not a sub-document of Job fields")
-    unknown = set(value) - (set(Job.model_fields) - {"id"})
-    if unknown:
-        raise _BadField(OVERRIDES, f"holds {sorted(unknown)}, which are not Job fields")
-    return dict(value)
-
-
-def _text(doc: Mapping[str, Any], name: str) -> str:
-    value = doc.get(name)
-    if not isinstance(value, str) or not value.strip():
-        raise _BadField(name, "is missing" if value is None else f"is {value!r}, not a non-empty string")
-    return value
-
-
-def _map(doc: Mapping[str, Any], name: str) -> dict[str, Any]:
-    value = doc.get(name)
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _BadField(name, f"is {type(value).__name__}, not a document")
-    return dict(value)
+    return read_overrides(doc, noun="sub-document", fields_noun="Job fields")
 
 
 def _time(doc: Mapping[str, Any], name: str) -> datetime | None:
     try:
         return parse_time(doc.get(name))
     except ValueError as exc:
-        raise _BadField(name, f"is not a date ({exc})") from None
+        raise BadField(name, f"is not a date ({exc})") from None
 
 
 # --- visstoredatas dataset status -----------------------------------------------------------------------
