@@ -8,20 +8,13 @@ once, the first time a test asks for ``prefect_api``.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    """A loopback TCP port that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
+from tests.support.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="jobbridge-tests-"))
@@ -38,9 +31,7 @@ os.environ.update(
         "JOBBRIDGE_MONGO_PORT": str(free_port()),
         "JOBBRIDGE_DEBUG_LOG_FILE": str(SESSION_DIR / "job_processor_debug.log"),
         "JOBBRIDGE_PLUGINS": "tests.support.jobs",
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
-        ),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
     }
 )
 os.environ.pop("JOBBRIDGE_MODE", None)

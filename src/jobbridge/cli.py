@@ -36,6 +36,7 @@ def _ui_base() -> str | None:
 
     from jobbridge.runtime import resolve_api_url
 
+    # The environment first: main() put the stack's URL there, which saves resolve_api_url's health check.
     api = os.environ.get("PREFECT_API_URL") or resolve_api_url() or ""
     ui = PREFECT_UI_URL.value() if not api else api.rstrip("/").removesuffix("/api")
     return (ui or "").rstrip("/") or None

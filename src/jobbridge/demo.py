@@ -8,7 +8,6 @@ manifest). Each step is a job whose progress shows live.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
@@ -75,8 +74,7 @@ def _ensure_stack(settings: Settings, quiet: bool) -> None:
         return
     if not quiet:
         console.err.print("[dim]the embedded stack is down: starting it (about 15 s)...[/dim]")
-    stack.up()
-    os.environ["PREFECT_API_URL"] = stack.api_url
+    stack.up()  # later calls find it through runtime.resolve_api_url
 
 
 def run_demo(*, workdir: Path | None = None, quiet: bool = False) -> list[Job]:

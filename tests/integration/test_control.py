@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -15,6 +14,7 @@ from jobbridge.deployments import ensure_work_pool
 from jobbridge.errors import IdempotencyConflictError, JobbridgeError, JobNotFoundError, JobValidationError
 from jobbridge.jobs import Job, JobStatus
 from jobbridge.settings import ProcessingMode, Settings, reload_settings
+from tests.support.helpers import pid_alive, wait_for
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -29,17 +29,6 @@ def pool_settings() -> Settings:
 def local_settings() -> Settings:
     """Settings that run every job in this process."""
     return reload_settings().model_copy(update={"execution": "inprocess"})
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def make_tree(root: Path) -> None:
@@ -131,29 +120,20 @@ def test_idempotency_through_the_pool(tmp_path: Path, pool_settings: Settings) -
     assert control.wait_for(first.id, timeout=120).status is JobStatus.COMPLETED
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split(") ")[-1][:1] != "Z"
-
-
 def test_cancel_a_running_job_stops_its_process(tmp_path: Path, pool_settings: Settings) -> None:
     pid_file = tmp_path / "pid"
     job = control.submit(
         Job(name="long", type="test-sleep", parameters={"seconds": 300, "pid_file": str(pid_file)}),
         settings=pool_settings,
     )
-    wait_until(lambda: control.get_job(job.id).status is JobStatus.RUNNING, 120, "the job to run")
-    pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 30, "the pid file"))
+    wait_for("the job to run", lambda: control.get_job(job.id).status is JobStatus.RUNNING, 120)
+    pid = int(wait_for("the pid file", lambda: pid_file.exists() and pid_file.read_text(), 30))
     assert pid_alive(pid)
     started = time.monotonic()
     final = control.cancel(job.id, wait=True, timeout=30)
     assert final.status is JobStatus.CANCELLED, final
     assert time.monotonic() - started < 30
-    wait_until(lambda: not pid_alive(pid), 10, f"process {pid} to be gone")
+    wait_for(f"process {pid} to be gone", lambda: not pid_alive(pid), 10)
     assert control.cancel(job.id).status is JobStatus.CANCELLED  # cancelling twice is harmless
 
 
@@ -226,8 +206,8 @@ def test_logs_are_read_back_in_order(local_settings: Settings, tmp_path: Path) -
         wait=True,
         settings=local_settings,
     )
-    lines = wait_until(
-        lambda: [line for line in control.logs(job.id) if "marker found" in line.message], 20, "the log line"
+    lines = wait_for(
+        "the log line", lambda: [line for line in control.logs(job.id) if "marker found" in line.message], 20
     )
     assert lines[0].level == "INFO"
     stamps = [line.timestamp for line in control.logs(job.id)]

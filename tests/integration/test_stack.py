@@ -25,16 +25,11 @@ from pymongo import MongoClient
 from jobbridge.errors import StackError
 from jobbridge.settings import Settings
 from jobbridge.stack import ServiceStatus, Stack, running_api_url
+from tests.support.helpers import free_port
 
 pytestmark = pytest.mark.slow
 
 FLOWS_FILE = Path(__file__).with_name("worker_flows.py")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def stack_settings(home: Path) -> Settings:

@@ -12,11 +12,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +22,8 @@ from uuid import UUID
 
 import httpx
 import pytest
+
+from tests.support.helpers import free_port, pid_alive, wait_for
 
 pytestmark = pytest.mark.slow  # Linux only, like the worker: /proc and POSIX signals
 
@@ -37,34 +37,6 @@ SOLO_POOL = "jb-worker-test-solo"
 MODULE_NAME = "jb_worker_test_flows"
 
 T = TypeVar("T")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.1) -> T:
-    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def _pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _warm_pids(worker_pid: int) -> list[int]:
@@ -81,7 +53,7 @@ def _warm_pids(worker_pid: int) -> list[int]:
             b"jobbridge.deployments.warm" in argv
             and b"--worker-pid" in argv
             and str(worker_pid).encode() in argv
-            and _pid_alive(int(entry.name))
+            and pid_alive(int(entry.name))
         ):
             found.append(int(entry.name))
     return found
@@ -164,7 +136,7 @@ def worker_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerSta
     module_dir = tmp / "modules"
     module_dir.mkdir()
     shutil.copy(FLOWS_FILE, module_dir / f"{MODULE_NAME}.py")
-    port = _free_port()
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     pythonpath = [
         str(SRC_DIR),
@@ -202,7 +174,7 @@ def worker_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerSta
             except httpx.HTTPError:
                 return False
 
-        _wait_for("the Prefect server to be healthy", healthy, timeout=120, interval=0.25)
+        wait_for("the Prefect server to be healthy", healthy, timeout=120, interval=0.25)
         stack = WorkerStack(api_url=api_url, env=env, tmp=tmp, deployments={})
         with stack.settings():
             from prefect.client.orchestration import get_client
@@ -264,7 +236,7 @@ def _wait_online(stack: WorkerStack, proc: subprocess.Popen[bytes], name: str, p
             workers = client.read_workers_for_work_pool(pool)
             return any(w.name == name and w.status.value == "ONLINE" for w in workers)
 
-        _wait_for(f"worker {name} to be online", online, timeout=60, interval=0.25)
+        wait_for(f"worker {name} to be online", online, timeout=60, interval=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +279,7 @@ def _wait_state(stack: WorkerStack, flow_run_id: UUID, final: bool, timeout: flo
             raise AssertionError(f"run ended before running: {run.state!r}")
         return run if run.state.is_running() else None
 
-    return _wait_for(
+    return wait_for(
         f"flow run {flow_run_id} ({'final' if final else 'running'})", reached, timeout=timeout, interval=0.2
     )
 
@@ -315,11 +287,11 @@ def _wait_state(stack: WorkerStack, flow_run_id: UUID, final: bool, timeout: flo
 def _running_pid(stack: WorkerStack, flow_run_id: UUID, marker: Path) -> int:
     """The run's infrastructure pid, checked to be the process that executes the flow."""
     run = _wait_state(stack, flow_run_id, final=False, timeout=60)
-    marker_text: str = _wait_for(
+    marker_text: str = wait_for(
         "the flow to write its pid", lambda: marker.read_text() if marker.exists() else None, timeout=30
     )
     marker_pid = int(marker_text)
-    reported: str = _wait_for(
+    reported: str = wait_for(
         "infrastructure_pid", lambda: _read(stack, flow_run_id).infrastructure_pid, timeout=10
     )
     assert run.state.is_running()
@@ -330,7 +302,7 @@ def _running_pid(stack: WorkerStack, flow_run_id: UUID, marker: Path) -> int:
 def test_deployment_run_completes_with_its_return_value(
     worker_stack: WorkerStack, worker_process: subprocess.Popen[bytes]
 ) -> None:
-    warm_before = _wait_for("a warm process", lambda: _warm_pids(worker_process.pid), timeout=30)
+    warm_before = wait_for("a warm process", lambda: _warm_pids(worker_process.pid), timeout=30)
     flow_run_id = _submit(worker_stack, "double", x=21)
     run = _wait_state(worker_stack, flow_run_id, final=True, timeout=60)
     assert run.state.is_completed(), (run.state, worker_stack.log("jb-worker-main"))
@@ -341,7 +313,7 @@ def test_deployment_run_completes_with_its_return_value(
     assert result["pid"] == int(run.infrastructure_pid)
     assert result["pid"] in warm_before
     # ...and a replacement warm process is ready for the next run.
-    _wait_for("a replacement warm process", lambda: _warm_pids(worker_process.pid), timeout=30)
+    wait_for("a replacement warm process", lambda: _warm_pids(worker_process.pid), timeout=30)
 
 
 def test_module_entrypoint_without_path_sees_the_job_environment(
@@ -372,7 +344,7 @@ def test_cancelling_a_running_flow_run_ends_cancelled_and_kills_its_process(
         client.set_flow_run_state(flow_run_id, Cancelling())
     run = _wait_state(worker_stack, flow_run_id, final=True, timeout=30)
     assert run.state.is_cancelled(), (run.state, worker_stack.log("jb-worker-main"))
-    _wait_for("the flow-run process to be gone", lambda: not _pid_alive(pid), timeout=10)
+    wait_for("the flow-run process to be gone", lambda: not pid_alive(pid), timeout=10)
 
 
 def test_killed_flow_run_process_is_reported_crashed(
@@ -393,7 +365,7 @@ def test_worker_shutdown_leaves_no_warm_process(worker_stack: WorkerStack) -> No
     proc = worker_stack.start_worker(name, "--warm", "2")
     try:
         _wait_online(worker_stack, proc, name)
-        warm: list[int] = _wait_for(
+        warm: list[int] = wait_for(
             "two warm processes",
             lambda: pids if len(pids := _warm_pids(proc.pid)) == 2 else None,
             timeout=30,
@@ -403,7 +375,7 @@ def test_worker_shutdown_leaves_no_warm_process(worker_stack: WorkerStack) -> No
         assert code == 0, worker_stack.log(name)
     finally:
         _stop(proc)
-    _wait_for("warm processes to be gone", lambda: not any(_pid_alive(p) for p in warm), timeout=10)
+    wait_for("warm processes to be gone", lambda: not any(pid_alive(p) for p in warm), timeout=10)
 
 
 def test_first_signal_drains_running_flow_runs(worker_stack: WorkerStack) -> None:
@@ -414,7 +386,7 @@ def test_first_signal_drains_running_flow_runs(worker_stack: WorkerStack) -> Non
         marker = worker_stack.tmp / "drain.pid"
         flow_run_id = _submit(worker_stack, "solo-sleepy", seconds=4, marker=str(marker))
         pid = _running_pid(worker_stack, flow_run_id, marker)
-        warm = _wait_for("a replacement warm process", lambda: _warm_pids(proc.pid), timeout=30)
+        warm = wait_for("a replacement warm process", lambda: _warm_pids(proc.pid), timeout=30)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
         assert code == 0, worker_stack.log(name)
@@ -422,8 +394,8 @@ def test_first_signal_drains_running_flow_runs(worker_stack: WorkerStack) -> Non
         assert run.state.is_completed(), (run.state, worker_stack.log(name))
     finally:
         _stop(proc)
-    _wait_for(
-        "all worker processes to be gone", lambda: not any(_pid_alive(p) for p in [pid, *warm]), timeout=10
+    wait_for(
+        "all worker processes to be gone", lambda: not any(pid_alive(p) for p in [pid, *warm]), timeout=10
     )
 
 
@@ -431,10 +403,10 @@ def test_idle_warm_processes_exit_when_the_worker_is_killed(worker_stack: Worker
     name = "jb-worker-sigkill"
     proc = worker_stack.start_worker(name, "--warm", "1")
     try:
-        warm = _wait_for("a warm process", lambda: _warm_pids(proc.pid), timeout=60)
+        warm = wait_for("a warm process", lambda: _warm_pids(proc.pid), timeout=60)
         proc.kill()
         proc.wait(10)
     finally:
         _stop(proc)
     # Their stdin reaches EOF when the worker dies; they must not linger as orphans.
-    _wait_for("orphaned warm processes to exit", lambda: not any(_pid_alive(p) for p in warm), timeout=30)
+    wait_for("orphaned warm processes to exit", lambda: not any(pid_alive(p) for p in warm), timeout=30)
