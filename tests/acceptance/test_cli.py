@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.helpers import free_port, pid_alive, wait_for
+
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 JOBBRIDGE = str(Path(sys.executable).with_name("jobbridge"))
@@ -187,3 +189,65 @@ def test_relative_paths_mean_the_submitters_directory(tmp_path: Path) -> None:
     job = json.loads(done.stdout)
     assert job["parameters"]["source"] == str(tmp_path / "work")
     assert (tmp_path / "work.tar.zst").exists()
+
+
+def test_stack_up_status_down_from_the_cli(tmp_path: Path) -> None:
+    env = {
+        "JOBBRIDGE_HOME": str(tmp_path / "stack"),
+        "JOBBRIDGE_PREFECT_PORT": str(free_port()),
+        "JOBBRIDGE_MOTO_PORT": str(free_port()),
+        "JOBBRIDGE_MONGO_PORT": str(free_port()),
+        "PREFECT_API_URL": "",
+    }
+    up = run_cli("stack", "up", "--json", env=env)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert {s["name"] for s in json.loads(up.stdout) if s["healthy"]} == {
+            "prefect",
+            "moto",
+            "mongo",
+            "worker",
+        }
+        again = run_cli("stack", "up", "--json", env=env)
+        assert [s["pid"] for s in json.loads(again.stdout)] == [s["pid"] for s in json.loads(up.stdout)]
+        status = run_cli("stack", "status", env=env)
+        assert status.returncode == 0 and "healthy" in status.stdout
+    finally:
+        down = run_cli("stack", "down", "--json", env=env)
+    assert down.returncode == 0, down.stderr
+    assert set(json.loads(down.stdout)["stopped"]) == {"prefect", "moto", "mongo", "worker"}
+    pids = [s["pid"] for s in json.loads(up.stdout)]
+    wait_for("every stack process to be gone", lambda: not any(pid_alive(p) for p in pids), 10)
+    stopped = run_cli("stack", "status", "--json", env=env)
+    assert stopped.returncode == 1 and not any(s["running"] for s in json.loads(stopped.stdout))
+
+
+def test_worker_start_serves_a_pool_and_drains_on_sigint(tmp_path: Path) -> None:
+    import signal
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import WorkPoolStatus
+
+    from jobbridge.deployments import ensure_work_pool
+    from jobbridge.settings import reload_settings
+
+    pool = f"cli-{tmp_path.name[-10:]}"
+    ensure_work_pool(reload_settings().model_copy(update={"work_pool": pool}))
+    worker = subprocess.Popen(
+        [JOBBRIDGE, "worker", "start", "--pool", pool, "--name", pool],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "worker.log").open("wb"),
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+
+        def online() -> bool:
+            with get_client(sync_client=True) as client:
+                return client.read_work_pool(pool).status == WorkPoolStatus.READY
+
+        wait_for(f"pool {pool} to have an online worker", online, 60, interval=0.25)
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(30) == 0, (tmp_path / "worker.log").read_text()[-2000:]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
