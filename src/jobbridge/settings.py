@@ -23,6 +23,15 @@ class ProcessingMode(StrEnum):
     TEST = "TEST"
 
 
+#: Which job types each legacy layout mirrors by default (the job types its system had).
+DEFAULT_MIRROR_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "scientistcloud": ("sync", "upload", "convert", "extract", "compress", "backup", "validate"),
+    "receipt_trainer": ("train",),
+    "delphi": ("command",),
+    "argoitny": ("script_generation", "problem_extraction"),
+}
+
+
 class Settings(BaseSettings):
     """Everything jobbridge can be told from the environment."""
 
@@ -73,15 +82,46 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("JOBBRIDGE_AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
     )
+    aws_endpoint_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("JOBBRIDGE_AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL"),
+        description="DynamoDB/S3 endpoint; defaults to the embedded moto server (set it empty for AWS).",
+    )
     mongodb_url: SecretStr | None = Field(
-        default=None, description="MongoDB URL; may hold a password, so it is kept secret."
+        default=None,
+        description="MongoDB URL (may hold a password, so it is kept secret); defaults to the embedded one.",
     )
 
-    @field_validator("plugins", mode="before")
+    mirror_dynamodb: bool = Field(default=True, description="Mirror into DynamoDB (jobbridge layout).")
+    mirror_mongodb: bool = Field(default=True, description="Mirror into MongoDB (jobbridge layout).")
+    mirror_database: str = Field(default="jobbridge", description="MongoDB database of the mirror.")
+    mirror_layouts: dict[str, list[str]] = Field(
+        default_factory=lambda: {key: list(value) for key, value in DEFAULT_MIRROR_LAYOUTS.items()},
+        description='Legacy layout -> job types it mirrors ("*" = all), as JSON; {} turns them off.',
+    )
+    mirror_blocks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Saved DynamoDBMirror/MongoDBMirror block names; when set they replace the above.",
+    )
+    mirror_reconcile_seconds: float = Field(default=5.0, gt=0, le=3600)
+    mirror_stale_seconds: float = Field(
+        default=10.0, gt=0, description="A RUNNING job whose process is gone this long is marked CRASHED."
+    )
+
+    @field_validator("plugins", "mirror_blocks", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str) and not value.strip().startswith("["):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("mirror_layouts")
+    @classmethod
+    def _known_layouts(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        unknown = sorted(set(value) - set(DEFAULT_MIRROR_LAYOUTS))
+        if unknown:
+            known = ", ".join(DEFAULT_MIRROR_LAYOUTS)
+            raise ValueError(f"unknown legacy layout(s) {', '.join(unknown)}: use {known}")
         return value
 
     @property
@@ -103,6 +143,20 @@ class Settings(BaseSettings):
         """Name of each job type's deployment (``<type>/<deployment_name>``); one per work pool."""
         base = "jobbridge" if self.work_pool == "local" else f"jobbridge-{self.work_pool}"
         return self.namespaced(base)
+
+    @property
+    def dynamodb_endpoint(self) -> str | None:
+        """The DynamoDB endpoint: the configured one ("" means AWS itself), else the embedded moto server."""
+        if self.aws_endpoint_url is None:
+            return f"http://127.0.0.1:{self.moto_port}"
+        return self.aws_endpoint_url or None
+
+    @property
+    def mongodb_uri(self) -> str:
+        """The MongoDB URL: the configured one, else the embedded nx-27017 server."""
+        if self.mongodb_url is not None and self.mongodb_url.get_secret_value():
+            return self.mongodb_url.get_secret_value()
+        return f"mongodb://127.0.0.1:{self.mongo_port}/"
 
     @property
     def state_dir(self) -> Path:

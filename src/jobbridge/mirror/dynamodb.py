@@ -170,6 +170,13 @@ class DynamoDBJobStore:
         self.client: DynamoDBClient = client if client is not None else client_or_resource
         self.table_name = table_name or default_table_name()
 
+    name = "dynamodb:jobbridge"
+    layout = "jobbridge"
+
+    def ensure(self) -> None:
+        """The mirror-target hook: the table and its GSIs."""
+        self.ensure_table()
+
     # -- schema ---------------------------------------------------------------------------------------
 
     def ensure_table(self) -> None:

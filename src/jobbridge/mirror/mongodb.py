@@ -113,6 +113,13 @@ class MongoJobStore:
         self.jobs = database[self.jobs_name]
         self.events = database[self.events_name]
 
+    name = "mongodb:jobbridge"
+    layout = "jobbridge"
+
+    def ensure(self) -> None:
+        """The mirror-target hook: the indexes."""
+        self.ensure_indexes()
+
     def ensure_indexes(self) -> None:
         """Create the listing indexes and the unique history index (idempotent)."""
         self.jobs.create_index([("org", ASCENDING), ("status", ASCENDING), ("created_at", ASCENDING)])
