@@ -25,7 +25,9 @@ app = typer.Typer(
 stack_app = typer.Typer(help="The embedded local stack: Prefect server + worker, moto, nx-27017.")
 worker_app = typer.Typer(help="Run a worker for the jobbridge work pool.")
 app.add_typer(stack_app, name="stack")
+mirror_app = typer.Typer(help="The status mirror: job statuses into DynamoDB and MongoDB.")
 app.add_typer(worker_app, name="worker")
+app.add_typer(mirror_app, name="mirror")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
@@ -342,6 +344,24 @@ def worker_start(
     if limit is not None:
         args += ["--limit", str(limit)]
     raise typer.Exit(worker_main(args))
+
+
+@mirror_app.command("run")
+def mirror_run(
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Run the mirror service in the foreground until Ctrl-C (`stack up` starts one for you)."""
+    from jobbridge.mirror.service import main as mirror_main
+
+    raise typer.Exit(mirror_main(["--log-level", log_level.upper()]))
+
+
+@mirror_app.command("status")
+def mirror_status(as_json: JsonOption = False) -> None:
+    """Per target: changes waiting in the outbox, delivery lag (p50/p99) and the last error."""
+    from jobbridge.mirror.service import mirror_status as read_status
+
+    console.show_mirror_status(read_status(get_settings()), as_json)
 
 
 @app.command()

@@ -123,3 +123,40 @@ def watch(
             if deadline is not None and time.monotonic() >= deadline:
                 return [latest[job_id] for job_id in job_ids]
             time.sleep(interval)
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f} s"
+
+
+def _ago(moment: float | None) -> str:
+    return "never" if moment is None else f"{max(0.0, time.time() - moment):.0f} s ago"
+
+
+def show_mirror_status(status: Any, as_json: bool) -> None:
+    """``jobbridge mirror status``: one row per target, then the service's own state."""
+    if as_json:
+        print_json(status)
+        return
+    table = Table()
+    table.add_column("target", no_wrap=True)
+    for column in ("outbox", "oldest", "sent", "lag p50", "lag p99", "last sent"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("last error", overflow="fold")
+    for target in status["targets"]:
+        error = target["last_error"] or ""
+        if error:
+            error = f"[red]{error}[/red] ({_ago(target['last_error_at'])})"
+        table.add_row(
+            target["target"],
+            str(target["depth"]),
+            _seconds(target["oldest_age"]),
+            str(target["delivered"]),
+            _seconds(target["lag_p50"]),
+            _seconds(target["lag_p99"]),
+            _ago(target["last_delivered"]),
+            error,
+        )
+    out.print(table)
+    service = "[green]running[/green]" if status["running"] else f"[yellow]{status['problem']}[/yellow]"
+    out.print(f"service: {service}; open jobs: {status['open_jobs']}; event cursor: {status['cursor']}")

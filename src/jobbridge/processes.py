@@ -42,7 +42,9 @@ __all__ = [
     "all_procs",
     "boot_id",
     "ignores_signal",
+    "infrastructure_id",
     "is_live",
+    "local_pid_of",
     "locked",
     "log_tail",
     "port_problem",
@@ -390,3 +392,23 @@ def stop(record: Record, *, drain: bool = False) -> bool:
         f"{record.name}: processes {sorted(family.alive())} are still alive after SIGKILL; "
         f"stop them by hand (log: {record.log})"
     )
+
+
+def infrastructure_id(pid: int) -> str:
+    """What our worker records as a flow run's ``infrastructure_pid``: ``{hostname}:{pid}``.
+
+    The host makes a pid meaningful to a reader on another machine (the mirror's stale sweep only judges
+    runs of its own host).
+    """
+    return f"{socket.gethostname()}:{pid}"
+
+
+def local_pid_of(infrastructure: str | None) -> int | None:
+    """The pid of an ``infrastructure_pid`` written by :func:`infrastructure_id` on this host, else None.
+
+    A bare pid (a stock Prefect worker) says nothing about its host, so it is not judged either.
+    """
+    host, _, pid = (infrastructure or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    return int(pid)

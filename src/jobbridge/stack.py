@@ -35,7 +35,7 @@ HOST = "127.0.0.1"
 _POLL_SECONDS = 0.2
 _STATE_FILE = "stack.json"
 _LOCK_FILE = "stack.lock"
-_HEALTH_DEADLINES = {"prefect": 90.0, "moto": 30.0, "mongo": 30.0, "worker": 60.0}
+_HEALTH_DEADLINES = {"prefect": 90.0, "moto": 30.0, "mongo": 30.0, "worker": 60.0, "mirror": 60.0}
 _PORT_SETTINGS = {
     "prefect": "JOBBRIDGE_PREFECT_PORT",
     "moto": "JOBBRIDGE_MOTO_PORT",
@@ -141,7 +141,7 @@ class _Spec:
 class Stack:
     """The embedded stack of one project (one ``settings.state_dir``)."""
 
-    SERVICES = ("prefect", "moto", "mongo", "worker")
+    SERVICES = ("prefect", "moto", "mongo", "worker", "mirror")
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -164,6 +164,7 @@ class Stack:
             "moto": f"http://{HOST}:{self.settings.moto_port}",
             "mongo": f"mongodb://{HOST}:{self.settings.mongo_port}/",
             "worker": f"{ui}/work-pools/work-pool/{self.settings.work_pool}",
+            "mirror": "jobbridge mirror status",
         }
 
     def up(self) -> list[ServiceStatus]:
@@ -219,7 +220,7 @@ class Stack:
                 todo[name] = "not started"
             elif not record.is_ours():
                 todo[name] = f"recorded pid {record.pid} is gone"
-            elif name == "worker" and "prefect" in todo:
+            elif name in ("worker", "mirror") and "prefect" in todo:
                 todo[name] = "restarted with prefect"  # else it shows offline until its next heartbeat
             else:
                 reason = self._spec(name).check(record.started_at, 3.0)
@@ -376,6 +377,7 @@ class Stack:
             "moto": self._moto_spec,
             "mongo": self._mongo_spec,
             "worker": self._worker_spec,
+            "mirror": self._mirror_spec,
         }
         return builders[name]()
 
@@ -422,6 +424,15 @@ class Stack:
         env = {**self._env(), "PREFECT_WORKER_QUERY_SECONDS": str(s.worker_query_seconds)}
         api, pool = self.api_url, s.work_pool
         return _Spec("worker", command, env, None, lambda since, t: _check_worker(api, pool, since, t))
+
+    def _mirror_spec(self) -> _Spec:
+        from jobbridge.mirror.service import heartbeat_problem
+
+        command = [sys.executable, "-m", "jobbridge.mirror.service"]
+        settings = self.settings
+        return _Spec(
+            "mirror", command, self._env(), None, lambda since, _: heartbeat_problem(settings, since)
+        )
 
 
 def running_api_url(settings: Settings) -> str | None:

@@ -310,7 +310,7 @@ def test_deployment_run_completes_with_its_return_value(
         result = run.state.result()
     assert result["value"] == 42
     # The run executed in a process the worker had pre-started, and that is the reported pid.
-    assert result["pid"] == int(run.infrastructure_pid)
+    assert result["pid"] == int(run.infrastructure_pid.rpartition(':')[2])
     assert result["pid"] in warm_before
     # ...and a replacement warm process is ready for the next run.
     wait_for("a replacement warm process", lambda: _warm_pids(worker_process.pid), timeout=30)
@@ -327,7 +327,7 @@ def test_module_entrypoint_without_path_sees_the_job_environment(
     # The job's env reached the (pre-started) process, including Prefect settings read from it.
     assert result["var"] == "from-job"
     assert result["default_retries"] == 3
-    assert result["pid"] == int(run.infrastructure_pid)
+    assert result["pid"] == int(run.infrastructure_pid.rpartition(':')[2])
 
 
 def test_cancelling_a_running_flow_run_ends_cancelled_and_kills_its_process(

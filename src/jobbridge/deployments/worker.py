@@ -13,7 +13,8 @@ exactly like ``ProcessWorker``, and each run goes through ``FlowRunExecutorConte
 control channel, builds the same environment the stock starter would, and reports the warm
 process as the run's ``ProcessHandle`` (its own process group). Hence:
 
-* the warm process's pid is the flow run's ``infrastructure_pid``;
+* the flow run's ``infrastructure_pid`` is ``{hostname}:{pid}`` of the warm process (as Prefect 2's
+  process worker wrote it), so that the mirror's stale sweep can tell a dead run on this host;
 * cancellation (a run set to CANCELLING) is observed by the executor context, which delivers the
   intent on the control channel and SIGTERMs / SIGKILLs that process group, then finalises
   CANCELLED and runs ``on_cancellation`` hooks (via the workspace manifest the warm process wrote);
@@ -58,6 +59,7 @@ from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, Proc
 
 # WarmProcessPool and WarmProcessStarter lived here before the split; still importable from here.
 from jobbridge.deployments.warm_pool import WarmProcessPool, WarmProcessStarter
+from jobbridge.processes import infrastructure_id
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -160,7 +162,7 @@ class JobbridgeWorker(ProcessWorker):
         self,
         flow_run: FlowRun,
         configuration: ProcessJobConfiguration,
-        task_status: anyio.abc.TaskStatus[int] | None = None,
+        task_status: anyio.abc.TaskStatus[Any] | None = None,
     ) -> ProcessWorkerResult:
         """``ProcessWorker.run`` with :class:`WarmProcessStarter` as the starter.
 
@@ -207,7 +209,7 @@ class JobbridgeWorker(ProcessWorker):
                     handle = await task_group.start(execute)
                     if handle.pid is None:
                         raise RuntimeError("Flow run process has no PID")
-                    task_status.started(handle.pid)
+                    task_status.started(infrastructure_id(handle.pid))
 
         if execution is None or execution.status_code is None:
             raise RuntimeError("Failed to start flow run process.")

@@ -216,6 +216,19 @@ class DynamoDBJobStore:
 
     def apply(self, transition: Transition) -> bool:
         """Write a transition in one request; False when it was stale or a duplicate (nothing written)."""
+        history_put = {
+            "TableName": self.table_name,
+            "Item": _to_wire(history_item(transition)),
+            "ConditionExpression": "attribute_not_exists(PK)",
+        }
+        if transition.history_only:
+            try:
+                self.client.transact_write_items(TransactItems=[{"Put": history_put}])
+            except ClientError as error:
+                if _is_condition_failure(error):
+                    return False
+                raise
+            return True
         condition, values = meta_condition(transition)
         meta_put = {
             "TableName": self.table_name,
@@ -226,11 +239,6 @@ class DynamoDBJobStore:
                 **({"#final": "final"} if ":false" in values else {}),
             },
             "ExpressionAttributeValues": _to_wire(values),
-        }
-        history_put = {
-            "TableName": self.table_name,
-            "Item": _to_wire(history_item(transition)),
-            "ConditionExpression": "attribute_not_exists(PK)",
         }
         try:
             self.client.transact_write_items(TransactItems=[{"Put": meta_put}, {"Put": history_put}])

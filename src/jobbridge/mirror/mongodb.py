@@ -129,6 +129,15 @@ class MongoJobStore:
     def apply(self, transition: Transition) -> bool:
         """Write a transition in one request; False when it was stale or a duplicate (nothing written)."""
         namespace = f"{self.database.name}."
+        event = InsertOne(event_document(transition), namespace=namespace + self.events_name)
+        if transition.history_only:
+            try:
+                self.database.client.bulk_write([event], ordered=True)
+            except ClientBulkWriteException as error:
+                if _only_duplicates(error):
+                    return False
+                raise
+            return True
         models = [
             UpdateOne(
                 job_filter(transition),
@@ -136,7 +145,7 @@ class MongoJobStore:
                 upsert=True,
                 namespace=namespace + self.jobs_name,
             ),
-            InsertOne(event_document(transition), namespace=namespace + self.events_name),
+            event,
         ]
         try:
             result = self.database.client.bulk_write(models, ordered=True)

@@ -76,6 +76,9 @@ class Transition(BaseModel):
     seq: int = Field(ge=0)
     event_id: str = Field(min_length=1)
     occurred: datetime
+    #: Set by the mirror service for a transition that arrived after a newer one of the same job: the
+    #: stores record it in the job's history but leave the current job alone.
+    history_only: bool = False
 
     @field_validator("occurred")
     @classmethod
