@@ -204,6 +204,13 @@ class Outbox:
                 )
             if before is not None and before[0] == job.status.value and not job.is_final:
                 return Verdict.UNCHANGED
+            if verdict == Verdict.HISTORY:  # a late arrival may repeat the status the next one recorded
+                after = db.execute(
+                    "SELECT status FROM seen WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT 1",
+                    (job.id, transition.seq),
+                ).fetchone()
+                if after is not None and after[0] == job.status.value:
+                    return Verdict.UNCHANGED
             payload = transition.model_copy(update={"history_only": verdict == Verdict.HISTORY})
             text = payload.model_dump_json()
             db.executemany(
