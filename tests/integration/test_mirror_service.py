@@ -88,7 +88,7 @@ def _submit(job_type: str, **parameters: Any) -> Job:
 def _wait_final(job: Job, timeout: float = 120.0) -> Job:
     return wait_for(
         f"job {job.id} to finish",
-        lambda: (current := get_job(job.id)).is_final and current or None,
+        lambda: ((current := get_job(job.id)).is_final and current) or None,
         timeout,
         interval=0.2,
     )
