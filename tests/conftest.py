@@ -31,7 +31,6 @@ os.environ.update(
         "JOBBRIDGE_MONGO_PORT": str(free_port()),
         "JOBBRIDGE_DEBUG_LOG_FILE": str(SESSION_DIR / "job_processor_debug.log"),
         "JOBBRIDGE_PLUGINS": "tests.support.jobs",
-        "JOBBRIDGE_MIRROR_LAYOUTS": "{}",  # TEMP until the legacy targets land
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
     }
 )

@@ -70,6 +70,27 @@ class Settings(BaseSettings):
     extract_max_members: int = Field(default=1_000_000, gt=0)
     progress_interval_seconds: float = Field(default=0.5, gt=0)
 
+    dataset_store: str = Field(
+        default="",
+        description="Where datasets live, as an fsspec URL (a local directory or s3://bucket/prefix); "
+        "empty means <home>/datasets.",
+    )
+    upload_dir: Path | None = Field(
+        default=None, description="Staging area of chunked uploads; default <home>/uploads."
+    )
+    upload_chunk_size: int = Field(
+        default=64 * 1024**2, ge=1024**2, le=5 * 1024**3, description="Bytes per upload chunk."
+    )
+    upload_single_request_max: int = Field(
+        default=100 * 1024**2, gt=0, description="Files up to this size go in one request, larger in chunks."
+    )
+    upload_expiry_hours: float = Field(
+        default=24.0, gt=0, description="An unfinished upload idle this long is deleted."
+    )
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    rclone_binary: str = Field(default="rclone", description="The rclone executable (Debian's package).")
+
     aws_region: str = Field(
         default="us-east-1",
         validation_alias=AliasChoices("JOBBRIDGE_AWS_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
@@ -95,6 +116,11 @@ class Settings(BaseSettings):
     mirror_dynamodb: bool = Field(default=True, description="Mirror into DynamoDB (jobbridge layout).")
     mirror_mongodb: bool = Field(default=True, description="Mirror into MongoDB (jobbridge layout).")
     mirror_database: str = Field(default="jobbridge", description="MongoDB database of the mirror.")
+    mirror_scientistcloud_database: str = Field(
+        default="scientistcloud",
+        description="MongoDB database of the ScientistCloud layout (its own DB_NAME): its jobs collection "
+        "must not be jobbridge's.",
+    )
     mirror_layouts: dict[str, list[str]] = Field(
         default_factory=lambda: {key: list(value) for key, value in DEFAULT_MIRROR_LAYOUTS.items()},
         description='Legacy layout -> job types it mirrors ("*" = all), as JSON; {} turns them off.',
@@ -162,6 +188,21 @@ class Settings(BaseSettings):
     def state_dir(self) -> Path:
         """Absolute path of :attr:`home`."""
         return self.home.expanduser().resolve()
+
+    @property
+    def dataset_store_url(self) -> str:
+        """The dataset store as an fsspec URL or local path: the configured one, else ``<home>/datasets``."""
+        return self.dataset_store or str(self.state_dir / "datasets")
+
+    @property
+    def upload_staging_dir(self) -> Path:
+        """Absolute path of the chunked-upload staging area."""
+        return (self.upload_dir or self.state_dir / "uploads").expanduser().resolve()
+
+    @property
+    def s3_endpoint(self) -> str | None:
+        """The S3 endpoint: the same rule as :attr:`dynamodb_endpoint` (embedded moto unless configured)."""
+        return self.dynamodb_endpoint
 
     def redacted(self) -> dict[str, Any]:
         """All settings as plain values, with every secret replaced by ``**********``."""

@@ -23,6 +23,7 @@ from uuid import UUID
 import httpx
 import pytest
 
+from jobbridge.processes import local_pid_of
 from tests.support.helpers import free_port, pid_alive, wait_for
 
 pytestmark = pytest.mark.slow  # Linux only, like the worker: /proc and POSIX signals
@@ -295,7 +296,7 @@ def _running_pid(stack: WorkerStack, flow_run_id: UUID, marker: Path) -> int:
         "infrastructure_pid", lambda: _read(stack, flow_run_id).infrastructure_pid, timeout=10
     )
     assert run.state.is_running()
-    assert int(reported) == marker_pid
+    assert local_pid_of(reported) == marker_pid
     return marker_pid
 
 
@@ -310,7 +311,7 @@ def test_deployment_run_completes_with_its_return_value(
         result = run.state.result()
     assert result["value"] == 42
     # The run executed in a process the worker had pre-started, and that is the reported pid.
-    assert result["pid"] == int(run.infrastructure_pid.rpartition(':')[2])
+    assert result["pid"] == local_pid_of(run.infrastructure_pid)
     assert result["pid"] in warm_before
     # ...and a replacement warm process is ready for the next run.
     wait_for("a replacement warm process", lambda: _warm_pids(worker_process.pid), timeout=30)
@@ -327,7 +328,7 @@ def test_module_entrypoint_without_path_sees_the_job_environment(
     # The job's env reached the (pre-started) process, including Prefect settings read from it.
     assert result["var"] == "from-job"
     assert result["default_retries"] == 3
-    assert result["pid"] == int(run.infrastructure_pid.rpartition(':')[2])
+    assert result["pid"] == local_pid_of(run.infrastructure_pid)
 
 
 def test_cancelling_a_running_flow_run_ends_cancelled_and_kills_its_process(

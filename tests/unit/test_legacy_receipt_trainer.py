@@ -287,3 +287,34 @@ def test_log_item_with_exception_and_bad_level() -> None:
     assert written == sample
     with pytest.raises(ValueError, match="log level"):
         codec.log_item(record, at, "loud", "x")
+
+
+def test_a_receipt_trainer_writer_change_wins_over_the_jobbridge_attribute() -> None:
+    """The map applies only while the legacy attributes still say what they said when it was written."""
+    job = _full_job(status=JobStatus.QUEUED)
+    item = codec.encode(LegacyRecord(job=job, legacy_id=job.id))[0]
+    assert item["status"] == "pending" and item["jobbridge"]["status"] == ["QUEUED", "PENDING"]
+    assert codec.decode(item).job.status is JobStatus.QUEUED
+    item.update(status="running", GSI1PK="STATUS#running")  # the legacy processor claimed it
+    decoded = codec.decode(item).job
+    assert decoded.status is JobStatus.RUNNING
+    assert (decoded.org, decoded.progress, decoded.attempts) == ("ml", 12.5, 2)  # untouched entries hold
+
+
+def test_a_jobbridge_attribute_that_is_not_pairs_is_named() -> None:
+    item = {**STORABLE["rt-job-05-cancelled-critical"], "jobbridge": {"org": "only a value"}}
+    with pytest.raises(LegacyDecodeError) as caught:
+        codec.decode(item)
+    assert caught.value.field_name == "jobbridge" and "pair" in str(caught.value)
+
+
+@pytest.mark.parametrize("case_id", sorted(STATUS_ITEMS))
+def test_every_status_item_decodes_and_re_encodes_to_the_same_entry(case_id: str) -> None:
+    entry = codec.decode_status_item(STATUS_ITEMS[case_id])
+    job = Job(id=entry.job_id, name="n", type="train", status=entry.status)
+    item = codec.status_item(
+        job, entry.at, entry.message, progress=entry.progress, instance_id=entry.instance_id
+    )
+    _storable(item)
+    assert item == STATUS_ITEMS[case_id]
+    assert codec.decode_status_item(item) == entry

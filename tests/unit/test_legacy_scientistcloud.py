@@ -257,3 +257,31 @@ def test_dataset_status_follows_the_job_type(job_type: str, queued: str, running
     assert (shown(JobStatus.PENDING), shown(JobStatus.COMPLETED)) == ("submitted", "done")
     for status in JobStatus:
         assert status_from_dataset(shown(status)) in {status, DATASET_COARSER.get(status)}, status
+
+
+def test_a_scientistcloud_writer_change_wins_over_the_jobbridge_sub_document() -> None:
+    """The sub-document applies only while the legacy fields still say what they said when it was written."""
+    job = _full_job(status=JobStatus.CANCELLING, name="exact name", progress=10.0)
+    doc = codec.encode(LegacyRecord(job=job, legacy_id=job.id))[0]
+    assert doc["status"] == "running" and doc["jobbridge"]["status"] == ["CANCELLING", "RUNNING"]
+    assert codec.decode(doc).job.status is JobStatus.CANCELLING
+    finished = datetime(2026, 1, 2, 6, tzinfo=UTC)
+    doc.update(status="completed", completed_at=finished.replace(tzinfo=None))  # a legacy worker finished it
+    decoded = codec.decode(doc).job
+    assert (decoded.status, decoded.finished_at) == (JobStatus.COMPLETED, finished)
+    assert (decoded.name, decoded.progress) == ("exact name", 10.0)  # entries whose fields did not change
+
+
+def test_a_jobbridge_sub_document_that_is_not_pairs_is_named() -> None:
+    doc = {**JOBS["sc-job-07-low-priority-compression"], "jobbridge": {"name": "only a value"}}
+    with pytest.raises(LegacyDecodeError) as caught:
+        codec.decode(doc)
+    assert caught.value.field_name == "jobbridge" and "pair" in str(caught.value)
+
+
+@pytest.mark.parametrize("case_id", sorted(DATASETS))
+def test_every_dataset_status_sample_round_trips_through_a_job_of_each_type(case_id: str) -> None:
+    status = status_from_dataset(DATASETS[case_id]["status"], DATASETS[case_id]["uuid"])
+    for job_type in [*JobType, "idx_rebuild"]:
+        shown = dataset_status(Job(name="n", type=job_type, status=status))
+        assert status_from_dataset(shown) in {status, DATASET_COARSER.get(status)}, job_type

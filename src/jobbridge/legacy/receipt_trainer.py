@@ -4,7 +4,9 @@ One ``JOB`` item per job (``PK=JOB#{id}``, ``SK=JOB``, GSI1 ``STATUS#``/``CREATE
 current, append-only ``STATUS#{iso}`` and ``LOG#{iso}`` history beside it, and ``Job.to_json()`` SQS bodies.
 Items are read as boto3's resource API returns them (Decimal) or as DynamoDB JSON (exports, low-level
 client). Canonical fields the JOB item cannot hold go in one map attribute, ``jobbridge`` (``item_to_job``
-ignores it), written only when the legacy attributes alone would read back differently.
+ignores it), written only when the legacy attributes alone would read back differently; each entry applies
+only while the attributes still imply what they implied when it was written, so the legacy processor's
+later change (claiming, finishing the job) wins (see :mod:`jobbridge.legacy.extension`).
 
 Times: receipt_trainer wrote ``datetime.now().isoformat()``, naive local time; its EC2 and container hosts
 ran on UTC, so naive means UTC unless ``local_tz`` says otherwise. Encoding writes naive ISO in that zone
@@ -25,7 +27,7 @@ from boto3.dynamodb.types import TypeDeserializer
 
 from jobbridge.jobs import PRIORITY_NAMES, Job, JobStatus
 from jobbridge.legacy.codec import LegacyDecodeError, LegacyRecord, build_job, job_id_for
-from jobbridge.legacy.extension import EXTENSION, overrides_for, read_overrides
+from jobbridge.legacy.extension import EXTENSION, apply_overrides, overrides_for, read_overrides
 from jobbridge.legacy.values import BadField, map_field, parse_timestamp, plain_number, text_field, to_decimal
 
 #: receipt_trainer status -> canonical status; 'queued' (rt-job-09, by hand) is not in its validator list.
@@ -176,7 +178,8 @@ class ReceiptTrainerJobCodec:
             overrides = read_overrides(item)
         except BadField as exc:
             raise self._error(record_id, exc.field_name, exc.problem) from None
-        job = self._build(record_id, legacy_id, {**fields, **overrides})
+        base = self._build(record_id, legacy_id, fields)
+        job = apply_overrides(base, overrides, self.system, record_id)
         return LegacyRecord(job=job, legacy_id=legacy_id, extra=extra)
 
     def _plain_item(self, record: Mapping[str, Any]) -> dict[str, Any]:

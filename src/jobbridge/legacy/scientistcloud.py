@@ -12,8 +12,12 @@ truncated to the millisecond a BSON date keeps: what it returns is what the coll
 
 Canonical fields the layout has no place for (name, org, tags, progress, ...) go in one sub-document,
 ``jobbridge``, which the legacy readers ignore; it is written only when the legacy fields alone would read
-back differently. The dataset status string in ``visstoredatas`` is a second, coarser vocabulary that
-depends on the job type: see :func:`dataset_status` and :func:`status_from_dataset`.
+back differently. Each entry keeps the value the legacy fields implied when it was written and applies
+only while they still imply it, so a ScientistCloud worker that later sets the status (or any other field)
+wins over what jobbridge wrote (see :mod:`jobbridge.legacy.extension`).
+
+The dataset status string in ``visstoredatas`` is a second, coarser vocabulary that depends on the job
+type: see :func:`dataset_status` and :func:`status_from_dataset`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any, ClassVar
 
 from jobbridge.jobs import DEFAULT_PRIORITY, FINAL_STATUSES, LEGACY_TYPE_ALIASES, Job, JobStatus, JobType
 from jobbridge.legacy.codec import LegacyDecodeError, LegacyRecord, build_job, job_id_for
-from jobbridge.legacy.extension import EXTENSION, overrides_for, read_overrides
+from jobbridge.legacy.extension import EXTENSION, apply_overrides, overrides_for, read_overrides
 from jobbridge.legacy.values import BadField, map_field, parse_timestamp, text_field
 
 SYSTEM = "scientistcloud"
@@ -102,6 +106,11 @@ _UPLOAD_FIELDS = frozenset(
     | {"user_email", OVERRIDES}
 )
 _LEGACY_FIELD = {"type": "job_type", "owner": "user_email"}
+#: What a ScientistCloud worker writes into a ``jobs`` document while it runs the job (``encode`` writes their
+#: initial values): a mirror sets them only when it creates the document, never over a worker's values.
+WORKER_FIELDS = ("worker_id", "pid", "lock_file", "logs")
+#: The ``visstoredatas`` field that identifies a dataset (a job names it in ``parameters['dataset_uuid']``).
+DATASET_KEY = "uuid"
 
 
 # --- values -------------------------------------------------------------------------------------------
@@ -179,7 +188,8 @@ class ScientistCloudJobCodec:
             overrides = _overrides(record)
         except BadField as exc:
             raise self._error(record_id, exc.field_name, exc.problem) from None
-        job = self._build(record_id, legacy_id, {**fields, **overrides})
+        base = self._build(record_id, legacy_id, fields)
+        job = apply_overrides(base, overrides, self.system, record_id)
         return LegacyRecord(job=job, legacy_id=legacy_id, extra=extra)
 
     def _build(self, record_id: str, legacy_id: str, fields: Mapping[str, Any]) -> Job:
@@ -392,6 +402,12 @@ DATASET_COARSER: dict[JobStatus, JobStatus] = {
     JobStatus.CANCELLING: JobStatus.RUNNING,
     JobStatus.CRASHED: JobStatus.FAILED,
 }
+
+
+def dataset_uuid(job: Job) -> str | None:
+    """The dataset a job works on (``parameters['dataset_uuid']`` as in ScientistCloud's jobs), if any."""
+    value = job.parameters.get("dataset_uuid")
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def dataset_status(job: Job) -> str:

@@ -52,6 +52,7 @@ class DynamoDBClient(Protocol):
     def create_table(self, **kwargs: Any) -> Any: ...
     def describe_table(self, **kwargs: Any) -> Any: ...
     def transact_write_items(self, **kwargs: Any) -> Any: ...
+    def put_item(self, **kwargs: Any) -> Any: ...
     def get_item(self, **kwargs: Any) -> Any: ...
     def query(self, **kwargs: Any) -> Any: ...
 
@@ -221,9 +222,9 @@ class DynamoDBJobStore:
             "Item": _to_wire(history_item(transition)),
             "ConditionExpression": "attribute_not_exists(PK)",
         }
-        if transition.history_only:
+        if transition.history_only:  # one item: a conditional put, cheaper than a transaction
             try:
-                self.client.transact_write_items(TransactItems=[{"Put": history_put}])
+                self.client.put_item(**history_put)
             except ClientError as error:
                 if _is_condition_failure(error):
                     return False

@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
+from prefect.exceptions import ObjectNotFound
+
 from jobbridge.errors import JobbridgeError
 from jobbridge.jobs import utcnow
 from jobbridge.mirror.events import JobBuilder, StateChange
@@ -92,8 +94,8 @@ class MirrorService:
 
     def accept(self, change: StateChange) -> str | None:
         """Turn a state change of one of our runs into a transition and offer it; None if not ours."""
-        if not self.builder.is_ours(change):
-            return None
+        if not self.targets or not self.builder.is_ours(change):
+            return None  # no target to write to: skip the API reads that building the job takes
         transition = self.builder.transition(change)
         if transition.is_final:
             self.builder.forget(change.run_id)
@@ -142,6 +144,9 @@ class MirrorService:
                 log.warning("event %s of run %s: %s", change.event_id, change.run_id, exc)
                 if self.stop_event.wait(min(_BACKOFF_MAX, _BACKOFF_FIRST * 2**attempt)):
                     return
+            except ObjectNotFound:
+                log.warning("run %s was deleted before event %s was mirrored", change.run_id, change.event_id)
+                return
             except Exception:
                 log.exception("event %s of run %s could not be mirrored", change.event_id, change.run_id)
                 return
