@@ -91,6 +91,18 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=1, le=65535)
     rclone_binary: str = Field(default="rclone", description="The rclone executable (Debian's package).")
 
+    spot_notice_url: str = Field(
+        default="http://169.254.169.254/latest/meta-data/spot/instance-action",
+        description="EC2 spot interruption notice endpoint that train jobs watch (404 = no notice).",
+    )
+    spot_poll_seconds: float = Field(default=5.0, gt=0, le=300)
+    batch_concurrency: int = Field(default=4, ge=1, le=256, description="Item groups a batch runs at once.")
+    batch_group_size: int = Field(default=0, ge=0, description="Items per task; 0 = chosen from the count.")
+    dask_address: str | None = Field(
+        default=None,
+        description="Dask scheduler for batch fan-out ('local': a LocalCluster); none: threads.",
+    )
+
     aws_region: str = Field(
         default="us-east-1",
         validation_alias=AliasChoices("JOBBRIDGE_AWS_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
