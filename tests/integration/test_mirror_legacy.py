@@ -8,15 +8,12 @@ receipt_trainer's latest STATUS# item), and what it returns is decoded with the 
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from boto3.dynamodb.types import TypeDeserializer
 from bson import json_util
@@ -32,13 +29,9 @@ from jobbridge.mirror.legacy_mongodb import ScientistCloudTarget
 from jobbridge.mirror.target import MirrorEncodeError, MirrorTarget
 from jobbridge.mirror.transition import Transition
 from jobbridge.settings import ProcessingMode, Settings
+from tests.support.stores import CountingDatabase, CountingDynamo
 
 SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "legacy-samples"
-DYNAMO_WRITES = {"put_item", "update_item", "delete_item", "transact_write_items", "batch_write_item"}
-MONGO_WRITES = {
-    "insert_one", "insert_many", "update_one", "update_many", "replace_one", "delete_one",
-    "delete_many", "find_one_and_update", "find_one_and_replace", "bulk_write",
-}  # fmt: skip
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 LIFECYCLE = [JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.COMPLETED]
 SC_LAYOUT = "scientistcloud"
@@ -51,66 +44,6 @@ RT, DELPHI, ARGO, SC = (
 )
 CODECS: dict[str, Any] = {"receipt_trainer": RT, "delphi": DELPHI, "argoitny": ARGO, "scientistcloud": SC}
 _deserializer = TypeDeserializer()
-
-
-class CountingDynamo:
-    """A boto3 client wrapper that counts write requests and forwards everything else."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-        self.writes = 0
-
-    def __getattr__(self, name: str) -> Any:
-        if name in DYNAMO_WRITES:
-            self.writes += 1
-        return getattr(self._client, name)
-
-
-class _CountingProxy:
-    def __init__(self, target: Any, counter: list[int]) -> None:
-        self._target, self._counter = target, counter
-
-    def __getattr__(self, name: str) -> Any:
-        if name in MONGO_WRITES:
-            self._counter[0] += 1
-        return getattr(self._target, name)
-
-
-class CountingDatabase:
-    """A pymongo Database wrapper counting write calls made on its collections and its client."""
-
-    def __init__(self, database: Any) -> None:
-        self._counter = [0]
-        self.name = database.name
-        self._database = database
-        self.client = _CountingProxy(database.client, self._counter)
-
-    def __getitem__(self, name: str) -> _CountingProxy:
-        return _CountingProxy(self._database[name], self._counter)
-
-    @property
-    def writes(self) -> int:
-        return self._counter[0]
-
-
-@pytest.fixture(scope="module")
-def dynamodb_client(stack: object) -> Any:
-    return boto3.client(
-        "dynamodb",
-        endpoint_url=f"http://127.0.0.1:{os.environ['JOBBRIDGE_MOTO_PORT']}",
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-
-
-@pytest.fixture(scope="module")
-def mongo_client(stack: object) -> Iterator[MongoClient[dict[str, Any]]]:
-    client: MongoClient[dict[str, Any]] = MongoClient(
-        f"mongodb://127.0.0.1:{os.environ['JOBBRIDGE_MONGO_PORT']}", serverSelectionTimeoutMS=10_000
-    )
-    yield client
-    client.close()
 
 
 class Harness:

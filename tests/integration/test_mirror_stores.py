@@ -8,14 +8,11 @@ or pymongo.
 from __future__ import annotations
 
 import inspect
-import os
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-import boto3
 import pytest
 from pymongo import MongoClient
 
@@ -25,76 +22,10 @@ from jobbridge.mirror.dynamodb import DynamoDBJobStore, default_table_name
 from jobbridge.mirror.mongodb import MongoJobStore, default_collection_names
 from jobbridge.mirror.transition import Transition, sequence_for, supersedes
 from jobbridge.settings import ProcessingMode, Settings
+from tests.support.stores import CountingDatabase, CountingDynamo
 
-DYNAMO_WRITES = {"put_item", "update_item", "delete_item", "transact_write_items", "batch_write_item"}
-MONGO_WRITES = {
-    "insert_one", "insert_many", "update_one", "update_many", "replace_one", "delete_one",
-    "delete_many", "find_one_and_update", "find_one_and_replace", "bulk_write",
-}  # fmt: skip
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 LIFECYCLE = [JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.COMPLETED]
-
-
-class CountingDynamo:
-    """A boto3 client wrapper that counts write requests and forwards everything else."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-        self.writes = 0
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._client, name)
-        if name in DYNAMO_WRITES:
-            self.writes += 1
-        return attribute
-
-
-class _CountingProxy:
-    def __init__(self, target: Any, counter: list[int]) -> None:
-        self._target = target
-        self._counter = counter
-
-    def __getattr__(self, name: str) -> Any:
-        if name in MONGO_WRITES:
-            self._counter[0] += 1
-        return getattr(self._target, name)
-
-
-class CountingDatabase:
-    """A pymongo Database wrapper counting write calls made on its collections and its client."""
-
-    def __init__(self, database: Any) -> None:
-        self._database = database
-        self._counter = [0]
-        self.name = database.name
-        self.client = _CountingProxy(database.client, self._counter)
-
-    def __getitem__(self, name: str) -> _CountingProxy:
-        return _CountingProxy(self._database[name], self._counter)
-
-    @property
-    def writes(self) -> int:
-        return self._counter[0]
-
-
-@pytest.fixture(scope="module")
-def dynamodb_client(stack: object) -> Any:
-    return boto3.client(
-        "dynamodb",
-        endpoint_url=f"http://127.0.0.1:{os.environ['JOBBRIDGE_MOTO_PORT']}",
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-
-
-@pytest.fixture(scope="module")
-def mongo_client(stack: object) -> Iterator[MongoClient[dict[str, Any]]]:
-    client: MongoClient[dict[str, Any]] = MongoClient(
-        f"mongodb://127.0.0.1:{os.environ['JOBBRIDGE_MONGO_PORT']}", serverSelectionTimeoutMS=10_000
-    )
-    yield client
-    client.close()
 
 
 @pytest.fixture
