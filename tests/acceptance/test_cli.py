@@ -168,7 +168,7 @@ def test_settings_types_and_stack_status() -> None:
     assert {"extract", "compress", "validate"} <= types
 
     services = {s["name"]: s for s in cli_json("stack", "status")}
-    assert set(services) == {"prefect", "moto", "mongo", "worker"}
+    assert set(services) == {"prefect", "moto", "mongo", "worker", "mirror"}
     assert all(s["healthy"] for s in services.values())
     assert services["prefect"]["url"].startswith("http://127.0.0.1:")
 
@@ -207,6 +207,7 @@ def test_stack_up_status_down_from_the_cli(tmp_path: Path) -> None:
             "moto",
             "mongo",
             "worker",
+            "mirror",
         }
         again = run_cli("stack", "up", "--json", env=env)
         assert [s["pid"] for s in json.loads(again.stdout)] == [s["pid"] for s in json.loads(up.stdout)]

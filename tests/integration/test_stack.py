@@ -158,6 +158,7 @@ def test_status_reports_urls_health_and_logs(started: tuple[Stack, list[ServiceS
         "moto": f"http://127.0.0.1:{stack.settings.moto_port}",
         "mongo": f"mongodb://127.0.0.1:{stack.settings.mongo_port}/",
         "worker": f"http://127.0.0.1:{port}/work-pools/work-pool/local",
+        "mirror": "jobbridge mirror status",
     }
     for name, status in statuses.items():
         assert status.url == stack.urls()[name]
