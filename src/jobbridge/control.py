@@ -35,6 +35,7 @@ from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort, LogSort
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled, Cancelling, Pending, Scheduled, to_state_create
 
+from jobbridge.batch.grouping import ITEMS_ARTIFACT_TYPE
 from jobbridge.deployments import ensure_deployment, queue_for_priority
 from jobbridge.errors import (
     IdempotencyConflictError,
@@ -46,6 +47,7 @@ from jobbridge.jobs import (
     DEFAULT_PRIORITY,
     FINAL_STATUSES,
     Job,
+    JobItem,
     JobStatus,
     status_from_prefect,
     utcnow,
@@ -120,12 +122,14 @@ def job_from_flow_run(
     status = status_from_prefect(state.type.value if state else None, state.name if state else None)
     progress = 100.0 if status is JobStatus.COMPLETED else 0.0
     result: Any = None
+    items: list[JobItem] = []
     if details:
         if status is not JobStatus.COMPLETED:
             data = _artifact_data(client, run.id, "progress")
             if isinstance(data, int | float):
                 progress = float(min(max(data, 0.0), 100.0))
         result = _artifact_data(client, run.id, RESULT_ARTIFACT_TYPE)
+        items = _batch_items(client, run, fields)
     error = None
     if status in (JobStatus.FAILED, JobStatus.CRASHED, JobStatus.CANCELLED) and state:
         error = (state.message or status.value.lower()).removeprefix(_PREFECT_ERROR_PREFIX)
@@ -146,7 +150,21 @@ def job_from_flow_run(
         attempts=run.run_count,
         error=error,
         result=result,
+        items=items,
     )
+
+
+def _batch_items(client: SyncPrefectClient, run: FlowRun, fields: dict[str, str]) -> list[JobItem]:
+    """Per-item status of a batch job (its ``batch-items`` artifact); other types have none.
+
+    Read only for batch jobs: the artifact of a big batch is up to about 800 KB.
+    """
+    if fields.get("type") != "batch":
+        return []
+    records = _artifact_data(client, run.id, ITEMS_ARTIFACT_TYPE)
+    if not isinstance(records, list):
+        return []
+    return [JobItem.model_validate(record) for record in records]
 
 
 def _read_run(client: SyncPrefectClient, job_id: str, settings: Settings) -> FlowRun:
