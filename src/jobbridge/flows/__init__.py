@@ -1,5 +1,5 @@
 """The built-in job types; importing this package registers each of them."""
 
-from jobbridge.flows import batch, command, compress, extract, validate
+from jobbridge.flows import batch, command, compress, extract, train, validate
 
-__all__ = ["batch", "command", "compress", "extract", "validate"]
+__all__ = ["batch", "command", "compress", "extract", "train", "validate"]
