@@ -384,6 +384,106 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command("api")
+def api_command(
+    host: Annotated[
+        str | None, typer.Option(help="Interface to listen on (default: JOBBRIDGE_API_HOST).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: JOBBRIDGE_API_PORT, 8000).")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the upload API (ScientistCloud's routes, chunked resumable uploads; OpenAPI at /docs)."""
+    from jobbridge.api.server import serve
+
+    settings = get_settings()
+    serve(settings, host or settings.api_host, port or settings.api_port, log_level)
+
+
+def _api_url(api: str | None) -> str:
+    settings = get_settings()
+    return (
+        api or os.environ.get("JOBBRIDGE_API_URL") or f"http://{settings.api_host}:{settings.api_port}"
+    ).rstrip("/")
+
+
+@app.command("upload")
+def upload_command(
+    path: Annotated[Path, typer.Argument(help="The file to upload.")],
+    user_email: Annotated[str, typer.Option("--user-email", help="Owner of the dataset.")],
+    dataset_name: Annotated[str, typer.Option("--dataset-name", help="Name of the dataset.")],
+    sensor: Annotated[
+        str, typer.Option(help="IDX, TIFF, TIFF RGB, NETCDF, HDF5, 4D_NEXUS, RGB, MAPIR or OTHER.")
+    ],
+    convert: Annotated[bool, typer.Option("--convert", help="Convert the dataset after the upload.")] = False,
+    public: Annotated[bool, typer.Option("--public", help="Make the dataset public.")] = False,
+    folder: Annotated[str | None, typer.Option(help="Folder the dataset is filed under.")] = None,
+    team_uuid: Annotated[str | None, typer.Option("--team-uuid", help="Team the dataset belongs to.")] = None,
+    dataset_uuid: Annotated[
+        str | None, typer.Option("--dataset-uuid", help="Add to this dataset (default: a new one).")
+    ] = None,
+    api: Annotated[
+        str | None, typer.Option("--api", help="Upload API URL (default: JOBBRIDGE_API_URL or host:port).")
+    ] = None,
+    parallel: Annotated[int, typer.Option(help="Chunks sent at once.")] = 4,
+    upload_id: Annotated[
+        str | None, typer.Option("--upload-id", help="Resume this upload (found automatically otherwise).")
+    ] = None,
+    sha256: Annotated[str | None, typer.Option(help="The file's SHA-256, checked by the server.")] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for the upload job; exit 0 only if it completed.")
+    ] = False,
+    timeout: Annotated[
+        float | None, typer.Option(help="With --wait: give up after this many seconds.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Upload a file (resumable chunks when large) and print the id of its upload job."""
+    from jobbridge.client import UploadClient
+
+    with UploadClient(_api_url(api)) as client:
+
+        def send(callback: Any = None) -> Any:
+            return client.upload(
+                path,
+                user_email=user_email,
+                dataset_name=dataset_name,
+                sensor=sensor,
+                convert=convert,
+                is_public=public,
+                folder=folder,
+                team_uuid=team_uuid,
+                dataset_uuid=dataset_uuid,
+                parallel=parallel,
+                upload_id=upload_id,
+                sha256=sha256,
+                progress_callback=callback,
+            )
+
+        if as_json or not path.is_file():
+            result = send()
+        else:
+            with console.TransferBar(path.name, path.stat().st_size) as bar:
+                result = send(bar.update)
+        if not wait:
+            if as_json:
+                console.print_json(result.as_dict())
+            else:
+                print(result.job_id)
+            return
+        if as_json:
+            final = client.wait_for_completion(result.job_id, timeout=timeout)
+            console.print_json({**result.as_dict(), "job": final})
+        else:
+            console.err.print(
+                f"job {result.job_id} (sha256 {result.sha256})", highlight=False, soft_wrap=True
+            )
+            final = console.watch_upload_job(client.wait_for_completion, result.job_id, timeout)
+            error = final.get("error")
+            print(f"{result.job_id} {final['status']}" + (f": {error}" if error else ""))
+    if final["status"] != "completed":
+        raise typer.Exit(1)
+
+
 def _point_prefect_at_stack() -> None:
     """Before Prefect is imported: use the embedded stack's API when nothing else is configured."""
     if os.environ.get("PREFECT_API_URL") or os.environ.get("JOBBRIDGE_PREFECT_API_URL"):

@@ -160,3 +160,55 @@ def show_mirror_status(status: Any, as_json: bool) -> None:
     out.print(table)
     service = "[green]running[/green]" if status["running"] else f"[yellow]{status['problem']}[/yellow]"
     out.print(f"service: {service}; open jobs: {status['open_jobs']}; event cursor: {status['cursor']}")
+
+
+class TransferBar:
+    """A live bar of bytes sent, speed and ETA, driven by ``(done, total)`` callbacks from any thread."""
+
+    def __init__(self, label: str, total: int) -> None:
+        from rich.progress import DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=False,
+        )
+        self._task = self._progress.add_task(label, total=total)
+
+    def __enter__(self) -> TransferBar:
+        self._progress.start()
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:  # the error alone stays on screen, as one line
+            self._progress.live.transient = True
+        self._progress.stop()
+
+    def update(self, done: int, total: int) -> None:
+        """The progress callback: absolute bytes done of ``total``."""
+        self._progress.update(self._task, completed=done, total=total)
+
+
+def watch_upload_job(
+    wait: Callable[..., dict[str, Any]], job_id: str, timeout: float | None
+) -> dict[str, Any]:
+    """Show the upload job's own progress (moving the file into the dataset store) until it ends."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[status]}"),
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+        bar = progress.add_task(f"job {job_id[:8]}", total=100, status="")
+
+        def show(status: dict[str, Any]) -> None:
+            progress.update(
+                bar, completed=status.get("progress_percentage") or 0.0, status=status.get("status", "")
+            )
+
+        return wait(job_id, timeout=timeout, on_status=show)
