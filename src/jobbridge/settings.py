@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     upload_expiry_hours: float = Field(
         default=24.0, gt=0, description="An unfinished upload idle this long is deleted."
     )
+    upload_path_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories whose files /api/upload/upload-path may ingest (comma list); "
+        "empty turns that route off.",
+    )
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     rclone_binary: str = Field(default="rclone", description="The rclone executable (Debian's package).")
@@ -146,7 +151,7 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="A RUNNING job whose process is gone this long is marked CRASHED."
     )
 
-    @field_validator("plugins", "mirror_blocks", mode="before")
+    @field_validator("plugins", "mirror_blocks", "upload_path_roots", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str) and not value.strip().startswith("["):

@@ -104,7 +104,11 @@ def own_area(name: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
     """The module's API: 1 MiB chunks, files above 4 MiB chunked."""
-    env = {"JOBBRIDGE_UPLOAD_CHUNK_SIZE": str(MiB), "JOBBRIDGE_UPLOAD_SINGLE_REQUEST_MAX": str(4 * MiB)}
+    env = {
+        "JOBBRIDGE_UPLOAD_CHUNK_SIZE": str(MiB),
+        "JOBBRIDGE_UPLOAD_SINGLE_REQUEST_MAX": str(4 * MiB),
+        "JOBBRIDGE_UPLOAD_PATH_ROOTS": str(tmp_path_factory.getbasetemp()),  # /upload-path reads only there
+    }
     process = ApiProcess(tmp_path_factory.mktemp("api") / "api.log", env).start()
     yield process
     process.stop()
@@ -538,6 +542,13 @@ def test_the_legacy_client_requests_work_unchanged(
     response.raise_for_status()
     assert response.json()["upload_type"] == "path"
     jobs["path"] = response.json()["job_id"]
+    escape = tmp_path / "escape.tif"
+    escape.symlink_to("/etc/hostname")  # inside the allowed root, pointing out of it
+    for outside in ("/etc/hostname", str(escape)):
+        refused = session.post(
+            f"{base}/api/upload/upload-path", data={**form, "file_path": outside}, timeout=60
+        )
+        assert 400 <= refused.status_code < 500 and "outside the allowed directories" in refused.text
 
     url, served = file_server
     (served / "remote.h5").write_bytes(random.Random(17).randbytes(2 * MiB))

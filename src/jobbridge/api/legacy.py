@@ -103,16 +103,30 @@ async def local_upload(request: Request, store: Store, settings: AppSettings) ->
     return await _form_upload(request, store, settings, settings.upload_single_request_max, "standard")
 
 
-def _server_path(file_path: str) -> str:
-    """A path on this server given by ``/upload-path``: absolute, existing, no NUL."""
+def _server_path(file_path: str, roots: list[Path]) -> str:
+    """A path on this server given by ``/upload-path``: absolute, existing, no NUL, inside an allowed root.
+
+    Without the roots check any API client could make the server ingest any file it can read (its keys,
+    other users' data); symlinks are resolved first so that a link inside a root cannot point out of it.
+    """
+    if not roots:
+        raise JobValidationError(
+            "file_path: uploads by server path are turned off; set JOBBRIDGE_UPLOAD_PATH_ROOTS to the "
+            "directories they may read from"
+        )
     if "\x00" in file_path:
         raise JobValidationError("file_path holds a NUL byte")
     path = Path(file_path)
     if not path.is_absolute():
         raise JobValidationError(f"file_path {file_path!r} must be an absolute path on the server")
-    if not os.path.exists(path):
+    real = Path(os.path.realpath(path))
+    allowed = [Path(os.path.realpath(root)) for root in roots]
+    if not any(real == root or real.is_relative_to(root) for root in allowed):
+        shown = ", ".join(str(root) for root in roots)
+        raise JobValidationError(f"file_path {file_path!r} is outside the allowed directories ({shown})")
+    if not os.path.exists(real):
         raise JobValidationError(f"file_path {file_path!r} does not exist on the server")
-    return str(path)
+    return str(real)
 
 
 @router.post("/upload-path", summary="Upload a file already on this server, by path (ScientistCloud)")
@@ -146,7 +160,7 @@ async def upload_path(
             "add_to_existing": add_to_existing,
         }
     )
-    source = _server_path(file_path)
+    source = _server_path(file_path, settings.upload_path_roots)
     name = safe_filename(original_filename, "original_filename") if original_filename else Path(source).name
     job = await blocking(submission.submit, submission.upload_job(fields, source), settings)
     size = os.path.getsize(source) if os.path.isfile(source) else None
