@@ -216,7 +216,7 @@ def test_stack_up_status_down_from_the_cli(tmp_path: Path) -> None:
     finally:
         down = run_cli("stack", "down", "--json", env=env)
     assert down.returncode == 0, down.stderr
-    assert set(json.loads(down.stdout)["stopped"]) == {"prefect", "moto", "mongo", "worker"}
+    assert set(json.loads(down.stdout)["stopped"]) == {"prefect", "moto", "mongo", "worker", "mirror"}
     pids = [s["pid"] for s in json.loads(up.stdout)]
     wait_for("every stack process to be gone", lambda: not any(pid_alive(p) for p in pids), 10)
     stopped = run_cli("stack", "status", "--json", env=env)
