@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from jobbridge.errors import JobFailedError, JobValidationError
 from jobbridge.flows.common import RETRYABLE, begin
 from jobbridge.flows.endpoints import (
-    check_block_name,
-    check_endpoint,
+    BlockName,
+    S3Endpoint,
     check_location,
     location_of,
     manifest_beside,
@@ -66,11 +66,11 @@ class BackupParameters(BaseModel):
         description="The manifest to write (backup) or check against (restore); default: <backup>.sha256.",
     )
     overwrite: bool = Field(default=False, description="Replace an existing destination (and manifest).")
-    s3_endpoint: str | None = Field(default=None, description="S3 endpoint URL for s3:// locations.")
-    source_credentials_block: str | None = Field(
+    s3_endpoint: S3Endpoint = Field(default=None, description="S3 endpoint URL for s3:// locations.")
+    source_credentials_block: BlockName = Field(
         default=None, description="AwsCredentials block for an s3:// source (default: the settings)."
     )
-    destination_credentials_block: str | None = Field(
+    destination_credentials_block: BlockName = Field(
         default=None, description="AwsCredentials block for an s3:// destination (and manifest)."
     )
 
@@ -83,16 +83,6 @@ class BackupParameters(BaseModel):
     @classmethod
     def _manifest(cls, value: str | None) -> str | None:
         return None if value is None else check_location(value, BACKUP_KINDS)
-
-    @field_validator("source_credentials_block", "destination_credentials_block")
-    @classmethod
-    def _block(cls, value: str | None) -> str | None:
-        return check_block_name(value)
-
-    @field_validator("s3_endpoint")
-    @classmethod
-    def _endpoint(cls, value: str | None) -> str | None:
-        return check_endpoint(value)
 
     @model_validator(mode="after")
     def _places_fit(self) -> Self:

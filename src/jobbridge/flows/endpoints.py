@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from pathlib import Path
+from typing import Annotated
 
+from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
 
 from jobbridge.settings import Settings
@@ -64,6 +66,12 @@ def check_existing_file(value: Path | None) -> Path | None:
     if value is not None and not value.is_file():
         raise invalid(f"must be an existing file on the worker: {value} is not")
     return value
+
+
+#: Field types that carry their check, so each parameters model declares a field once and validates it too.
+BlockName = Annotated[str | None, AfterValidator(check_block_name)]
+S3Endpoint = Annotated[str | None, AfterValidator(check_endpoint)]
+WorkerFile = Annotated[Path | None, AfterValidator(check_existing_file)]
 
 
 def s3_for(

@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from jobbridge.errors import JobFailedError
 from jobbridge.flows.common import RETRYABLE, begin
 from jobbridge.flows.endpoints import (
-    check_block_name,
-    check_endpoint,
-    check_existing_file,
+    BlockName,
+    S3Endpoint,
+    WorkerFile,
     check_location,
     invalid,
     location_of,
@@ -81,18 +81,18 @@ class SyncParameters(BaseModel):
         default=True, description="After the transfer, compare source and destination file by file."
     )
     transfers: int = Field(default=4, ge=1, le=64, description="Files transferred in parallel.")
-    s3_endpoint: str | None = Field(
+    s3_endpoint: S3Endpoint = Field(
         default=None, description="S3 endpoint URL for s3:// locations (default: JOBBRIDGE_AWS_ENDPOINT_URL)."
     )
-    source_credentials_block: str | None = Field(
+    source_credentials_block: BlockName = Field(
         default=None,
         description="Name of an AwsCredentials block (s3://) or Secret block (gdrive://: a token or "
         "service-account JSON) for the source; default: the JOBBRIDGE_AWS_* settings.",
     )
-    destination_credentials_block: str | None = Field(
+    destination_credentials_block: BlockName = Field(
         default=None, description="The same, for the destination."
     )
-    gdrive_service_account_file: Path | None = Field(
+    gdrive_service_account_file: WorkerFile = Field(
         default=None, description="Google service-account key file on the worker, for gdrive:// sides."
     )
     gdrive_root_folder_id: str | None = Field(
@@ -100,10 +100,10 @@ class SyncParameters(BaseModel):
         pattern=r"^[A-Za-z0-9_\-]{5,200}$",
         description="Drive folder id that gdrive:// paths start from.",
     )
-    sftp_key_file: Path | None = Field(
+    sftp_key_file: WorkerFile = Field(
         default=None, description="Private key file on the worker, for sftp:// sides."
     )
-    sftp_known_hosts_file: Path | None = Field(
+    sftp_known_hosts_file: WorkerFile = Field(
         default=None, description="known_hosts file to check SFTP host keys against."
     )
 
@@ -119,21 +119,6 @@ class SyncParameters(BaseModel):
             if not pattern or any(char in pattern for char in "\x00\n\r"):
                 raise invalid(f"holds an unusable pattern {pattern!r}: give rclone globs such as '*.tif'")
         return value
-
-    @field_validator("source_credentials_block", "destination_credentials_block")
-    @classmethod
-    def _block(cls, value: str | None) -> str | None:
-        return check_block_name(value)
-
-    @field_validator("s3_endpoint")
-    @classmethod
-    def _endpoint(cls, value: str | None) -> str | None:
-        return check_endpoint(value)
-
-    @field_validator("gdrive_service_account_file", "sftp_key_file", "sftp_known_hosts_file")
-    @classmethod
-    def _file(cls, value: Path | None) -> Path | None:
-        return check_existing_file(value)
 
     @model_validator(mode="after")
     def _sides_fit(self) -> Self:

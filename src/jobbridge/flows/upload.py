@@ -33,9 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jobbridge.errors import JobFailedError, JobValidationError, UnknownJobTypeError
 from jobbridge.flows.common import RETRYABLE, begin
 from jobbridge.flows.endpoints import (
-    check_block_name,
-    check_endpoint,
-    check_existing_file,
+    BlockName,
+    S3Endpoint,
+    WorkerFile,
     check_location,
     child,
     invalid,
@@ -137,15 +137,15 @@ class UploadParameters(BaseModel):
         description="Move the source into the store (renamed when on the same filesystem); only for "
         "files staged under the upload directory (JOBBRIDGE_UPLOAD_DIR).",
     )
-    source_credentials_block: str | None = Field(
+    source_credentials_block: BlockName = Field(
         default=None,
         description="AwsCredentials block (s3://) or Secret block (gdrive://: token or service-account "
         "JSON) for the source.",
     )
-    gdrive_service_account_file: Path | None = Field(
+    gdrive_service_account_file: WorkerFile = Field(
         default=None, description="Google service-account key file on the worker, for gdrive:// sources."
     )
-    s3_endpoint: str | None = Field(
+    s3_endpoint: S3Endpoint = Field(
         default=None, description="S3 endpoint of an s3:// source (default: JOBBRIDGE_AWS_ENDPOINT_URL)."
     )
 
@@ -222,21 +222,6 @@ class UploadParameters(BaseModel):
         if not _SHA256.match(value):
             raise invalid("must be 64 hexadecimal digits (a SHA-256)")
         return value.lower()
-
-    @field_validator("source_credentials_block")
-    @classmethod
-    def _block(cls, value: str | None) -> str | None:
-        return check_block_name(value)
-
-    @field_validator("s3_endpoint")
-    @classmethod
-    def _endpoint(cls, value: str | None) -> str | None:
-        return check_endpoint(value)
-
-    @field_validator("gdrive_service_account_file")
-    @classmethod
-    def _service_account(cls, value: Path | None) -> Path | None:
-        return check_existing_file(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
